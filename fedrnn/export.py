@@ -1,0 +1,183 @@
+"""Export the deployable student: ``python -m fedrnn.export RUN_OR_CHECKPOINT_DIR --out DIR``.
+
+Writes ``model.onnx`` (float32), ``model.int8.onnx`` (onnxruntime dynamic quantization:
+int8 weights, per-channel for the LSTM and linear layers, activations quantized on the fly),
+the checkpoint's ``tokenizer.json`` and a ``config.json`` with ``max_len``, class names,
+sizes and the measured parity. ``fedrnn.predict`` runs the result without torch.
+
+The model is exported with the torch.export-based ONNX exporter (``dynamo=True``), the
+supported one since torch 2.9, with batch and sequence length as dynamic axes. The example
+input has batch 2 and unequal lengths, because a batch-1 example lets the exporter
+specialise the batch axis to 1. The exported graph then goes through onnxruntime's
+``quant_pre_process`` (graph optimisation; its symbolic shape inference cannot follow this
+graph and is skipped), which is the documented input for ``quantize_dynamic``.
+
+Parity is checked, not assumed: both models run on random token sequences with batch
+sizes and lengths different from the export example, against torch. The float model must
+match within ``FLOAT_TOLERANCE`` on logits; the int8 model within ``INT8_PROB_TOLERANCE``
+on class probabilities (int8 rounding moves logits by ~1e-3..1e-2, a probability bound
+reads the same whatever the logit scale). Either failure aborts the export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from fedrnn.checkpoint import CONFIG, TOKENIZER, CheckpointError, load_checkpoint, write_json
+from fedrnn.models import SentimentRNN
+from fedrnn.predict import (
+    EXPORT_CONFIG,
+    EXPORT_FORMAT,
+    FLOAT_MODEL,
+    INPUTS,
+    INT8_MODEL,
+    LABELS,
+    OUTPUT,
+    Predictor,
+    softmax,
+)
+
+FLOAT_TOLERANCE = 1e-4  # max |logit difference|, ONNX float32 vs torch
+INT8_PROB_TOLERANCE = 0.05  # max |probability difference|, ONNX int8 vs torch
+STUDENT_SUBDIR = "student"  # where a run directory keeps its student checkpoint
+
+
+class ExportError(ValueError):
+    """The input is not a checkpoint, or the exported model does not match torch."""
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory itself, or a run directory holding one in ``student/``."""
+    p = Path(path)
+    for cand in (p, p / STUDENT_SUBDIR):
+        if (cand / CONFIG).is_file():
+            return cand
+    raise ExportError(f"{p}: neither {p / CONFIG} nor {p / STUDENT_SUBDIR / CONFIG} exists; not a checkpoint or run dir")
+
+
+def export_onnx(model: SentimentRNN, path: Path) -> None:
+    """Export ``model`` (eval mode) to an optimised float32 ONNX file with dynamic batch/length."""
+    model.eval()
+    ids = torch.randint(1, max(model.cfg.vocab_size, 2), (2, 8))
+    lengths = torch.tensor([8, 5])
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_loggers():
+        # The exporter warns about internal deprecations; the parity check is what vouches for the graph.
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "raw.onnx"
+        program = torch.onnx.export(
+            model, (ids, lengths), dynamo=True, input_names=list(INPUTS), output_names=[OUTPUT],
+            dynamic_shapes={"ids": {0: batch, 1: seq}, "lengths": {0: batch}}, verbose=False,
+        )
+        program.save(str(raw))
+        quant_pre_process(str(raw), str(path), skip_symbolic_shape=True)
+
+
+def quantize_onnx(float_path: Path, int8_path: Path) -> None:
+    """Dynamic int8 quantization: int8 weights (per channel), activations quantized at run time."""
+    with _quiet_loggers():
+        quantize_dynamic(str(float_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def parity_inputs(vocab_size: int, max_len: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random right-padded batches whose shapes differ from the export example (batch 2, length 8)."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for b, width in ((1, 1), (1, min(max_len, 64)), (3, min(max_len, 17)), (16, min(max_len, 48))):
+        lengths = rng.integers(1, width + 1, size=b)
+        lengths[0] = width
+        ids = rng.integers(2, max(vocab_size, 3), size=(b, width))
+        ids[np.arange(width)[None, :] >= lengths[:, None]] = 0
+        batches.append((ids.astype(np.int64), lengths.astype(np.int64)))
+    return batches
+
+
+@torch.no_grad()
+def parity(model: SentimentRNN, predictor: Predictor, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Largest logit and probability differences, and argmax agreement, of ONNX vs torch."""
+    model.eval()
+    ref = np.concatenate([model(torch.from_numpy(i), torch.from_numpy(n)).numpy() for i, n in batches])
+    got = np.concatenate([predictor.logits(i, n) for i, n in batches])
+    return {
+        "max_abs_logit_diff": float(np.abs(ref - got).max()),
+        "max_abs_prob_diff": float(np.abs(softmax(ref) - softmax(got)).max()),
+        "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+        "examples": len(ref),
+    }
+
+
+def export_student(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Export a checkpoint (or a run dir's ``student/``) to ``out``; returns the written config."""
+    src = resolve_checkpoint(checkpoint)
+    model, _, ckpt_cfg = load_checkpoint(src)
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, d / FLOAT_MODEL)
+    quantize_onnx(d / FLOAT_MODEL, d / INT8_MODEL)
+    shutil.copyfile(src / TOKENIZER, d / TOKENIZER)
+    cfg: dict[str, Any] = {
+        "format": EXPORT_FORMAT, "version": 1, "max_len": ckpt_cfg["max_len"], "labels": list(LABELS),
+        "model": model.cfg.to_dict(), "source": str(src),
+    }
+    write_json(d / EXPORT_CONFIG, cfg)  # Predictor reads it; parity results are added below
+    batches = parity_inputs(model.cfg.vocab_size, ckpt_cfg["max_len"])
+    cfg["parity"] = {
+        "float": parity(model, Predictor(d, quantized=False), batches),
+        "int8": parity(model, Predictor(d, quantized=True), batches),
+        "float_tolerance_logit": FLOAT_TOLERANCE,
+        "int8_tolerance_prob": INT8_PROB_TOLERANCE,
+    }
+    cfg["bytes"] = {name: (d / name).stat().st_size for name in (FLOAT_MODEL, INT8_MODEL, TOKENIZER)}
+    write_json(d / EXPORT_CONFIG, cfg)
+    if cfg["parity"]["float"]["max_abs_logit_diff"] > FLOAT_TOLERANCE:
+        raise ExportError(f"{d / FLOAT_MODEL}: logits differ from torch by {cfg['parity']['float']} > {FLOAT_TOLERANCE}")
+    if cfg["parity"]["int8"]["max_abs_prob_diff"] > INT8_PROB_TOLERANCE:
+        raise ExportError(f"{d / INT8_MODEL}: probabilities differ from torch by {cfg['parity']['int8']}")
+    return cfg
+
+
+@contextmanager
+def _quiet_loggers() -> Iterator[None]:
+    """Silence the exporters' INFO/WARNING chatter (e.g. 'torchvision is not installed') during a call."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "root", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint directory, or a run directory containing student/")
+    parser.add_argument("--out", required=True, help="export directory to write")
+    a = parser.parse_args(argv)
+    try:
+        cfg = export_student(a.checkpoint, a.out)
+    except (ExportError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from e
+    p, b = cfg["parity"], cfg["bytes"]
+    print(f"wrote {a.out}: {FLOAT_MODEL} {b[FLOAT_MODEL]:,} B, {INT8_MODEL} {b[INT8_MODEL]:,} B; "
+          f"max |logit diff| float {p['float']['max_abs_logit_diff']:.2e}, "
+          f"int8 max |prob diff| {p['int8']['max_abs_prob_diff']:.3f}, argmax agreement {p['int8']['argmax_agreement']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

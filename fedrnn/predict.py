@@ -1,0 +1,117 @@
+"""Classify reviews with an exported student: ``python -m fedrnn.predict EXPORT_DIR "text" ...``.
+
+Runs on onnxruntime + tokenizers + numpy only — torch is never imported, here or in the
+modules this one imports — so the deployable model works on a device with a few MB to
+spare. Texts go through the same cleaning and tokenization as in training
+(``fedrnn.data.clean_text``, ``fedrnn.tokenizer.encode``). This module also owns the
+layout of an export directory, which ``fedrnn.export`` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fedrnn.data import clean_text
+from fedrnn.tokenizer import TokenizerError, encode, load_tokenizer
+
+EXPORT_FORMAT = "fedrnn-onnx"
+EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER = "config.json", "model.onnx", "model.int8.onnx", "tokenizer.json"
+INPUTS, OUTPUT = ("ids", "lengths"), "logits"
+LABELS = ("negative", "positive")
+
+
+class PredictError(ValueError):
+    """An export directory is missing, incomplete or not a fedrnn export."""
+
+
+class Predictor:
+    """An exported student loaded into onnxruntime, with its tokenizer and ``max_len``.
+
+    ``threads`` sets onnxruntime's intra-op threads (``None``: its default, all cores).
+    """
+
+    def __init__(self, export_dir: str | os.PathLike[str], quantized: bool = True, threads: int | None = None) -> None:
+        d = Path(export_dir)
+        cfg_path = d / EXPORT_CONFIG
+        if not cfg_path.is_file():
+            raise PredictError(f"{cfg_path} does not exist; run `python -m fedrnn.export CHECKPOINT --out {d}` first")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PredictError(f"{cfg_path}: not valid JSON ({e})") from e
+        if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT:
+            raise PredictError(f"{cfg_path}: not a {EXPORT_FORMAT} export config")
+        max_len, labels = cfg.get("max_len"), cfg.get("labels")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise PredictError(f"{cfg_path}: max_len must be a positive integer, got {max_len!r}")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise PredictError(f"{cfg_path}: labels must be a list of class names, got {labels!r}")
+        self.max_len, self.labels = max_len, tuple(labels)
+        model_path = d / (INT8_MODEL if quantized else FLOAT_MODEL)
+        if not model_path.is_file():
+            raise PredictError(f"{model_path} does not exist")
+        try:
+            self.tokenizer = load_tokenizer(d / TOKENIZER)
+        except TokenizerError as e:
+            raise PredictError(str(e)) from e
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+    def logits(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Raw logits for already-encoded reviews (int ids ``[N, L]``, true lengths ``[N]``)."""
+        width = int(lengths.max())
+        feed = {"ids": np.ascontiguousarray(ids[:, :width], dtype=np.int64), "lengths": lengths.astype(np.int64)}
+        return self.session.run([OUTPUT], feed)[0]
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities ``[N, num_classes]`` for raw review texts."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = [clean_text(t) for t in texts[start : start + batch_size]]
+            enc = encode(self.tokenizer, chunk, np.zeros(len(chunk), dtype=np.int64), self.max_len)
+            out.append(softmax(self.logits(enc.ids, enc.lengths)))
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export_dir", help="directory written by `python -m fedrnn.export`")
+    parser.add_argument("texts", nargs="*", help="reviews to classify")
+    parser.add_argument("--file", help="text file with one review per line (blank lines skipped)")
+    parser.add_argument("--float", dest="quantized", action="store_false", help="use the float model, not int8")
+    a = parser.parse_intermixed_args(argv)
+    texts = list(a.texts)
+    if a.file:
+        path = Path(a.file)
+        if not path.is_file():
+            parser.error(f"--file {path} does not exist")
+        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        parser.error("give review texts as arguments or --file")
+    try:
+        predictor = Predictor(a.export_dir, quantized=a.quantized)
+    except PredictError as e:
+        sys.exit(f"error: {e}")
+    for text, p in zip(texts, predictor.predict_proba(texts), strict=True):
+        k = int(p.argmax())
+        snippet = " ".join(text.split())
+        print(f"{predictor.labels[k]}\t{p[k]:.4f}\t{snippet[:70] + '...' if len(snippet) > 73 else snippet}")
+
+
+if __name__ == "__main__":
+    main()

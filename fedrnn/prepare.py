@@ -1,0 +1,55 @@
+"""Everything a run needs on disk before the ServerApp starts: teacher, target cache, shards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from fedrnn.checkpoint import load_checkpoint
+from fedrnn.config import RunConfig
+from fedrnn.data import Reviews
+from fedrnn.federation import Prepared
+from fedrnn.partitions import partition_amazon, partition_by_group, save_partitions
+from fedrnn.pretrain import PretrainConfig, pretrain
+from fedrnn.rundir import RunDir
+from fedrnn.target import load_target, prepare_target
+
+CACHE_ENV = "FEDRNN_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "cache"))
+
+
+def ensure_teacher(cfg: RunConfig, console: Console) -> str:
+    """The configured teacher, or the cached default one (pretrained now if missing)."""
+    if cfg.run.teacher:
+        load_checkpoint(cfg.run.teacher)  # fail now, with a clear error, not inside a client
+        return str(Path(cfg.run.teacher).resolve())
+    path = cache_dir() / "teacher"
+    if not (path / "model.safetensors").is_file():
+        console.print(f"[bold]no cached teacher in {path}: pretraining one on IMDB (about 10 minutes)[/]")
+        pretrain(PretrainConfig(), path, cfg.run.data_dir or None)
+    return str(path.resolve())
+
+
+def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = None) -> Prepared:
+    console = console or Console()
+    teacher = ensure_teacher(cfg, console)
+    _, tok, meta = load_checkpoint(teacher)
+    target = prepare_target(cfg.run.target, tok, int(meta["max_len"]), cfg.server.retention_examples,
+                            cache_dir() / "target", cfg.run.data_dir or None)
+    rd = RunDir(run_dir)
+    if not rd.partitions_path.is_file():
+        data = load_target(str(target))
+        # the partitioners read labels and groups only
+        pool = Reviews(texts=[""] * len(data.pool), labels=data.pool.labels, groups=data.pool_groups, source=str(target))
+        if cfg.run.target == "amazon":
+            shards = partition_amazon(pool, cfg.run.clients, cfg.run.alpha, cfg.run.seed, cfg.run.min_client_examples)
+        else:
+            shards = partition_by_group(pool, cfg.run.clients, cfg.run.seed, cfg.run.min_client_examples)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        save_partitions(str(rd.partitions_path), shards)
+    return Prepared(teacher, str(Path(target).resolve()), str(rd.partitions_path.resolve()), str(rd.path.resolve()))

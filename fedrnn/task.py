@@ -1,0 +1,124 @@
+"""What a client does with a message: build the model, train or evaluate locally, report.
+
+Shared by the simulated ClientApp and the real one on a Raspberry Pi; only where the
+client's data comes from differs (a shard of the prepared target pool, or the device's
+own review file).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedrnn.checkpoint import load_checkpoint
+from fedrnn.data import load_review_file
+from fedrnn.models import ModelConfig, SentimentRNN, set_trainable
+from fedrnn.partitions import load_partitions, split_holdout
+from fedrnn.target import load_target
+from fedrnn.tokenizer import Encoded, encode
+from fedrnn.training import evaluate, train_steps
+
+
+@dataclass(frozen=True)
+class Base:
+    """The pretrained teacher every client starts from (frozen parts never travel)."""
+
+    cfg: ModelConfig
+    state: dict[str, torch.Tensor]
+    max_len: int
+    teacher_dir: str
+
+
+@functools.lru_cache(maxsize=2)
+def load_base(teacher_dir: str) -> Base:
+    model, _, meta = load_checkpoint(teacher_dir)
+    return Base(model.cfg, {k: v.clone() for k, v in model.state_dict().items()}, int(meta["max_len"]), teacher_dir)
+
+
+def build_model(base: Base, arrays: dict[str, np.ndarray], mode: str, dp: bool = False) -> SentimentRNN:
+    """The teacher with the received tensors in place; only the mode's tensors trainable."""
+    model = SentimentRNN(base.cfg, dp=dp)
+    state = dict(base.state)
+    for name, value in arrays.items():
+        state[name] = torch.from_numpy(np.array(value, dtype=np.float32, copy=True))
+    model.load_state_dict(state)
+    set_trainable(model, mode)
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def _partitions(path: str) -> list[np.ndarray]:
+    return load_partitions(path)
+
+
+def shard_data(target_path: str, partitions_path: str, client_id: int, holdout: float, seed: int) -> tuple[Encoded, Encoded]:
+    """A simulated client's local train and held-out data."""
+    shards = _partitions(partitions_path)
+    if not 0 <= client_id < len(shards):
+        raise ValueError(f"client-id {client_id} out of range: the run has {len(shards)} clients")
+    train_idx, hold_idx = split_holdout(shards[client_id], holdout, seed, client_id)
+    pool = load_target(target_path).pool
+    return pool.subset(train_idx), pool.subset(hold_idx)
+
+
+@functools.lru_cache(maxsize=2)
+def device_data(data_path: str, teacher_dir: str, holdout: float, seed: int) -> tuple[Encoded, Encoded]:
+    """A real device's own review file, tokenized with the teacher's tokenizer."""
+    reviews = load_review_file(data_path)
+    _, tok, meta = load_checkpoint(teacher_dir)
+    enc = encode(tok, reviews.texts, reviews.labels, int(meta["max_len"]))
+    train_idx, hold_idx = split_holdout(np.arange(len(enc)), holdout, seed, 0)
+    return enc.subset(train_idx), enc.subset(hold_idx)
+
+
+@dataclass
+class LocalTrainConfig:
+    mode: str
+    lr: float
+    epochs: int
+    batch_size: int
+    max_steps: int  # 0 = whole epochs
+    proximal_mu: float
+    clip_norm: float
+    seed: int
+
+
+def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train the trainable tensors; returns them and the metrics a reply carries.
+
+    FedProx's proximal term (mu/2 * ||w - w_global||^2) is added when ``proximal_mu`` > 0.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for _, p in trainable]
+    optimizer = torch.optim.Adam([p for _, p in trainable], lr=cfg.lr)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, labels)
+        if cfg.proximal_mu > 0:
+            loss = loss + cfg.proximal_mu / 2 * sum(((p - a) ** 2).sum() for (_, p), a in zip(trainable, anchors, strict=True))
+        return loss
+
+    stats = train_steps(model, data, optimizer, cfg.batch_size, rng, max_steps=cfg.max_steps or None,
+                        epochs=cfg.epochs, clip_norm=cfg.clip_norm, loss_fn=loss_fn)
+    arrays = {n: p.detach().numpy().astype(np.float32, copy=True) for n, p in trainable}
+    metrics = {"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,
+               "steps": float(stats.steps), "samples": float(stats.examples)}
+    return arrays, metrics
+
+
+def local_evaluate(model: SentimentRNN, data: Encoded) -> dict[str, float]:
+    m = evaluate(model, data)
+    return {"eval-loss": m["loss"], "eval-accuracy": m["accuracy"]} if not math.isnan(m["loss"]) else {}
+
+
+def resolve_teacher(path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p.resolve())
