@@ -35,21 +35,24 @@ def _setup(msg: Message, context: Context):
     cfg = msg.content["config"]
     torch.set_num_threads(int(cfg.get("threads", 1)))
     train, held, teacher = _client_data(cfg, context)
-    model = build_model(load_base(teacher), from_record(msg.content["arrays"]), str(cfg["mode"]))
-    return cfg, train, held, model
+    # A device short of memory may train fewer tensors ("train-mode") than travel ("mode");
+    # it still returns every received tensor so replies stay aggregatable.
+    received = from_record(msg.content["arrays"])
+    model = build_model(load_base(teacher), received, str(cfg.get("train-mode", cfg["mode"])))
+    return cfg, train, held, model, list(received)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    cfg, data, _, model = _setup(msg, context)
+    cfg, data, _, model, names = _setup(msg, context)
     local = LocalTrainConfig(
-        mode=str(cfg["mode"]), lr=float(cfg["lr"]), epochs=int(cfg["local-epochs"]),
+        lr=float(cfg["lr"]), epochs=int(cfg["local-epochs"]),
         batch_size=int(cfg["batch-size"]), max_steps=int(cfg["max-steps"]),
         proximal_mu=float(cfg.get("proximal-mu", 0.0)), clip_norm=float(cfg["clip-norm"]),
         seed=int(cfg["seed"]) * 1_000_003 + int(cfg["server-round"]) * 1009 + int(cfg.get("client-id", 0)),
     )
-    arrays, metrics = local_train(model, data, local)
+    arrays, metrics = local_train(model, data, local, names)
     record = to_record(arrays)
     metrics |= {"num-examples": len(data), "client-id": int(cfg.get("client-id", -1)),
                 "client-seconds": time.perf_counter() - t0}
@@ -58,6 +61,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _, held, model = _setup(msg, context)
+    cfg, _, held, model, _ = _setup(msg, context)
     metrics = local_evaluate(model, held) | {"num-examples": len(held), "client-id": int(cfg.get("client-id", -1))}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

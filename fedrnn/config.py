@@ -111,11 +111,41 @@ class SimulationSection:
 
 
 @dataclass
+class DevicesSection:
+    """Simulated device fleet (see ``fedrnn.devices``); off = every client is an ideal device."""
+
+    enabled: bool = False
+    mix: dict[str, float] = field(default_factory=dict)  # profile -> fraction, e.g. {rpi4 = 0.5, rpi5 = 0.5}
+    trace: str = ""  # CSV/JSON trace file instead of a mix
+    network: str = ""  # "" = each profile's own; wifi | 4g | 3g
+    availability: str = ""  # "" = each profile's own; always | diurnal | churn
+    policy: str = "wait"  # drop | partial | wait
+    deadline_s: float = 0.0  # needed by drop and partial
+    host_samples_per_s: float = 0.0  # 0 = measure this host once at the start of the run
+    min_batch_size: int = 4
+    per_class_eval: bool = True  # global model accuracy on each device class's held-out data
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        _check(bool(self.mix) != bool(self.trace), "devices.mix/devices.trace", "needs exactly one of them",
+               (self.mix, self.trace))
+        for name, frac in self.mix.items():
+            _check(frac >= 0, f"devices.mix.{name}", "must be >= 0", frac)
+        _check(self.policy in DEADLINE_POLICIES, "devices.policy", f"must be one of {DEADLINE_POLICIES}", self.policy)
+        _check(self.policy == "wait" or self.deadline_s > 0, "devices.deadline_s",
+               f"must be > 0 with policy {self.policy!r}", self.deadline_s)
+        _check(self.host_samples_per_s >= 0, "devices.host_samples_per_s", "must be >= 0", self.host_samples_per_s)
+        _check(self.min_batch_size >= 1, "devices.min_batch_size", "must be >= 1", self.min_batch_size)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     client: ClientSection = field(default_factory=ClientSection)
     server: ServerSection = field(default_factory=ServerSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    devices: DevicesSection = field(default_factory=DevicesSection)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):
@@ -134,6 +164,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         hint = args[0]
+    if typing.get_origin(hint) is dict:
+        _check(isinstance(value, dict), key, "must be a table", value)
+        return {str(k): _coerce(f"{key}.{k}", v, typing.get_args(hint)[1]) for k, v in value.items()}
     if hint is bool:
         _check(isinstance(value, bool), key, "must be true or false", value)
     elif hint is int:

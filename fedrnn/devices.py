@@ -4,13 +4,15 @@ The server's round loop uses this module to decide *who can take part* in a roun
 long the round takes* in simulated time, from the real payload bytes and the real amount of
 local work. Nothing here runs Flower; everything is plain Python/numpy plus one short torch
 measurement (:func:`measure_host_throughput`), so the simulation is grounded in how fast the
-real model trains on this host.
+real model trains on this host. torch is imported lazily, only by the memory and calibration
+functions, so planning rounds never pays for it.
 
 API (what the server calls, in round order)
 -------------------------------------------
 ``fleet = Fleet.from_mix(num_clients, {"rpi4": 0.5, "phone-low": 0.5}, seed=0, networks=None)``
     or ``Fleet.from_trace("configs/fleets/example_trace.csv")`` (CSV or JSON, format below).
-``ids = fleet.available(sim_time)``; ``selected = select_clients(ids, k, rng)``.
+``ids = fleet.available(sim_time)``; ``selected = select_clients(ids, k, rng)``. ``sim_time`` is
+    seconds since 00:00 UTC of day 0; diurnal windows read the local hour from it.
 ``decision = adapt_to_memory(model_cfg, mode, batch_size, seq_len, fleet.ram_bytes[c])`` per
     selected client: ok / reduced-batch / feature-extraction / excluded, with the reason.
 ``sps = measure_host_throughput(model, batch_size, seq_len)`` (cached) for the batch size and
@@ -58,7 +60,11 @@ device_class    no        label used when aggregating metrics; empty: ``trace``
 
 JSON: either a list of such objects or ``{"clients": [...]}``. Any bad value is rejected with
 a :class:`DeviceError` naming the file, the row (CSV line number or JSON index), the column
-and the problem. ``configs/fleets/example_trace.csv`` is a 10-client example.
+and the problem. ``configs/fleets/example_trace.csv`` is a 10-client example built from the
+profiles below: boards give ``relative_speed``, phones an absolute ``samples_per_s`` equal to
+relative speed x 288 samples/s (this host's measured fine-tune throughput of the default model,
+batch 16, 256 tokens); networks and usable RAM are the profiles' values (the Zero 2 W, with no
+published Wi-Fi measurement, borrows the Pi 3B+'s 24.5 Mbps); phones are online at night.
 
 Where the numbers come from
 ---------------------------
@@ -78,6 +84,7 @@ from __future__ import annotations
 import bisect
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -169,9 +176,10 @@ single-core in Jeff Geerling's tests (https://github.com/geerlingguy/sbc-reviews
 
 _OS_RESERVE_BYTES = 100 * MIB
 """Assumption: a headless Linux image (Raspberry Pi OS Lite / L4T) keeps about 100 MiB for itself."""
-_TORCH_RUNTIME_BYTES = 225 * MIB
-"""Measured: resident memory of a Python process after ``import torch`` and fedrnn on this host
-(225 MiB, /proc/self/status VmRSS); the training framework's fixed cost before any tensor."""
+_TORCH_RUNTIME_BYTES = 323 * MIB
+"""Measured on this host: resident memory (/proc/self/status VmRSS) of a Python process after
+``import torch`` and fedrnn (225 MiB) and one training step of a tiny SentimentRNN, which loads the
+CPU kernels (323 MiB); the framework's fixed cost before any model tensor."""
 _ANDROID_BACKGROUND_FRACTION = 0.25
 """Assumption: a background training job on Android may use a quarter of the phone's RAM before the
 low-memory killer reclaims it (Android publishes no fixed limit for native memory)."""
@@ -446,8 +454,17 @@ class Fleet:
 
     def __post_init__(self) -> None:
         n = len(self.device_class)
-        for name in ("network", "relative_speed", "speed_samples_per_s", "down_bps", "up_bps", "latency_s",
-                     "ram_bytes", "dropout_prob", "availability"):
+        for name in (
+            "network",
+            "relative_speed",
+            "speed_samples_per_s",
+            "down_bps",
+            "up_bps",
+            "latency_s",
+            "ram_bytes",
+            "dropout_prob",
+            "availability",
+        ):
             if len(getattr(self, name)) != n:
                 raise DeviceError(f"fleet column {name} has {len(getattr(self, name))} entries, expected {n}")
         if n == 0:
@@ -561,7 +578,7 @@ def _check_known(name: str, known: dict, what: str) -> None:
 
 
 def _allocate(fractions: dict[str, float], n: int, known: dict, what: str, rng: np.random.Generator) -> list[str]:
-    """Exactly ``round(f * n)`` of each name (largest remainder), in a seeded random order."""
+    """``floor(f * n)`` of each name plus the leftovers by largest remainder, in a seeded random order."""
     if not fractions:
         raise DeviceError(f"{what} is empty")
     for name, f in fractions.items():
@@ -653,8 +670,10 @@ def _csv_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
         for values in reader:
             where = f"{path}: line {reader.line_num}"
             if None in values or any(v is None for v in values.values()):
-                raise DeviceError(f"{where}: has {len(reader.fieldnames)} columns in the header but a different "
-                                  "number of fields in this row")
+                raise DeviceError(
+                    f"{where}: has {len(reader.fieldnames)} columns in the header but a different "
+                    "number of fields in this row"
+                )
             rows.append((where, values))
     return rows
 
@@ -855,6 +874,8 @@ def plan_round(
     if np.any(batch < 1):
         raise DeviceError("batch_size must be >= 1")
     host = _per_client(host_samples_per_s, n, "host_samples_per_s")
+    if np.any(host <= 0):
+        raise DeviceError("host_samples_per_s must be > 0")
     excluded = np.zeros(n, bool) if excluded_memory is None else np.asarray(excluded_memory, dtype=bool)
     if excluded.shape != (n,):
         raise DeviceError(f"excluded_memory must have one flag per selected client ({n})")
@@ -873,8 +894,21 @@ def plan_round(
         if excluded[i] or window is None:
             status = "excluded-memory" if excluded[i] else "unavailable"
             reason = "over its RAM budget in every mode" if excluded[i] else "offline at round start"
-            plans.append(ClientPlan(**base, status=status, reason=reason, steps=0, fraction=0.0, download_s=0.0,
-                                    compute_s=0.0, upload_s=0.0, time_s=0.0, bytes_down=0, bytes_up=0))
+            plans.append(
+                ClientPlan(
+                    **base,
+                    status=status,
+                    reason=reason,
+                    steps=0,
+                    fraction=0.0,
+                    download_s=0.0,
+                    compute_s=0.0,
+                    upload_s=0.0,
+                    time_s=0.0,
+                    bytes_down=0,
+                    bytes_up=0,
+                )
+            )
             continue
         steps, compute_s = int(steps_total[i]), work[i] / speed[i]
         status, reason = "ok", "finished"
@@ -898,11 +932,21 @@ def plan_round(
                 else:
                     time_s, reason = offline, "went offline before finishing"
         reported = status in ("ok", "partial")
-        plans.append(ClientPlan(**base, status=status, reason=reason, steps=steps if reported else 0,
-                                fraction=steps / max(int(steps_total[i]), 1) if reported else 0.0,
-                                download_s=float(down_s[i]), compute_s=float(compute_s), upload_s=float(up_s[i]),
-                                time_s=float(time_s), bytes_down=int(b_down[i]),
-                                bytes_up=int(b_up[i]) if reported else 0))
+        plans.append(
+            ClientPlan(
+                **base,
+                status=status,
+                reason=reason,
+                steps=steps if reported else 0,
+                fraction=steps / max(int(steps_total[i]), 1) if reported else 0.0,
+                download_s=float(down_s[i]),
+                compute_s=float(compute_s),
+                upload_s=float(up_s[i]),
+                time_s=float(time_s),
+                bytes_down=int(b_down[i]),
+                bytes_up=int(b_up[i]) if reported else 0,
+            )
+        )
         events.append(time_s)
     duration = min(deadline, max(events, default=0.0))
     return RoundPlan(policy, None if math.isinf(deadline) else deadline, float(sim_time), float(duration), plans)
@@ -913,8 +957,10 @@ def summarize_by_class(plans: RoundPlan | Iterable[RoundPlan]) -> dict[str, dict
     rounds = [plans] if isinstance(plans, RoundPlan) else list(plans)
     out: dict[str, dict[str, Any]] = {}
     for cp in (c for r in rounds for c in r.clients):
-        s = out.setdefault(cp.device_class, {"selected": 0, **{k: 0 for k in STATUSES}, "bytes_down": 0,
-                                             "bytes_up": 0, "_times": [], "_fractions": []})
+        s = out.setdefault(
+            cp.device_class,
+            {"selected": 0, **{k: 0 for k in STATUSES}, "bytes_down": 0, "bytes_up": 0, "_times": [], "_fractions": []},
+        )
         s["selected"] += 1
         s[cp.status] += 1
         s["bytes_down"] += cp.bytes_down
@@ -936,6 +982,19 @@ def summarize_by_class(plans: RoundPlan | Iterable[RoundPlan]) -> dict[str, dict
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _parameter_counts(model_cfg: Any, mode: str) -> tuple[int, int]:
+    """(all, trainable) parameter counts, exact, from a model built on the meta device (no memory)."""
+    import torch
+
+    from fedrnn.models import SentimentRNN, trainable_names
+
+    with torch.device("meta"):
+        model = SentimentRNN(model_cfg)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    return sum(sizes.values()), sum(sizes[n] for n in trainable_names(model, mode))
+
+
 def memory_breakdown(
     model_cfg: Any, mode: str, batch_size: int, seq_len: int, optimizer: str = "adam", dp: bool = False
 ) -> dict[str, int]:
@@ -949,10 +1008,15 @@ def memory_breakdown(
     (``I + 7H``); for a GRU its input plus 3 gates, hidden and the reset-gated candidate term
     (``I + 5H``); one-byte dropout masks on those inputs; the pooled features for the head.
     Fine-tune trains through the top recurrent layer only, feature-extraction through none.
+    workspace: transient tensors that exist in every mode, even with nothing saved, for the
+    widest layer: its input, the gate input projections and activations (``2GH``), the states
+    (LSTM 3H, GRU 2H), and two pooling temporaries (``2W``) per token. Checked against the peak
+    RSS of real train steps on this host (LSTM, E=128, H=256, 2 layers, two runs each): batch 64
+    x 400 tokens measured 728-751 / estimated 793 MiB (full), 537-580 / 574 (fine-tune), 375-377 /
+    362 (feature-extraction); batch 16 x 200: 104-109 / 139 (full), 54-57 / 55 (feature-extraction).
+    Not yet checked for GRU or bidirectional models.
     """
-    import torch
-
-    from fedrnn.models import TRANSFER_MODES, SentimentRNN, trainable_names
+    from fedrnn.models import TRANSFER_MODES
 
     if mode not in TRANSFER_MODES:
         raise DeviceError(f"transfer mode must be one of {TRANSFER_MODES}, got {mode!r}")
@@ -960,11 +1024,7 @@ def memory_breakdown(
         raise DeviceError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_SLOTS)}, got {optimizer!r}")
     if batch_size < 1 or seq_len < 1:
         raise DeviceError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-    with torch.device("meta"):  # exact parameter counts without allocating anything
-        model = SentimentRNN(model_cfg)
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
-    n_all = sum(sizes.values())
-    n_train = sum(sizes[n] for n in trainable_names(model, mode))
+    n_all, n_train = _parameter_counts(model_cfg, mode)
 
     cfg = model_cfg
     directions = 2 if cfg.bidirectional else 1
@@ -977,11 +1037,18 @@ def memory_breakdown(
         act_floats += directions * batch_size * seq_len * (inp + per_step * cfg.hidden_size)
         mask_bytes += batch_size * seq_len * inp
     head_in = width * (2 if cfg.pooling == "meanmax" else 1)
+    gates, states = (4, 3) if cfg.cell == "lstm" else (3, 2)
+    workspace = (
+        batch_size
+        * seq_len
+        * (max(cfg.embed_dim, width) + directions * (2 * gates + states) * cfg.hidden_size + 2 * width)
+    )
     return {
         "weights": n_all * FLOAT_BYTES,
         "grads": n_train * FLOAT_BYTES * ((batch_size + 1) if dp else 1),
         "optimizer": n_train * FLOAT_BYTES * OPTIMIZER_STATE_SLOTS[optimizer],
         "activations": act_floats * FLOAT_BYTES + mask_bytes + batch_size * (head_in + cfg.num_classes) * FLOAT_BYTES,
+        "workspace": workspace * FLOAT_BYTES,
         "inputs": batch_size * seq_len * 8,
     }
 
@@ -1031,18 +1098,35 @@ def adapt_to_memory(
         if need(mode, b) <= ram_bytes:
             if b == batch_size:
                 return MemoryDecision("ok", mode, b, need(mode, b), budget, "fits")
-            return MemoryDecision("reduced-batch", mode, b, need(mode, b), budget,
-                                  f"batch {batch_size} needs {need(mode, batch_size)} B > {ram_bytes:.0f} B; "
-                                  f"batch {b} fits")
+            return MemoryDecision(
+                "reduced-batch",
+                mode,
+                b,
+                need(mode, b),
+                budget,
+                f"batch {batch_size} needs {need(mode, batch_size)} B > {ram_bytes:.0f} B; batch {b} fits",
+            )
     if mode != "feature-extraction":
         for b in ladder:
             if need("feature-extraction", b) <= ram_bytes:
-                return MemoryDecision("feature-extraction", "feature-extraction", b, need("feature-extraction", b),
-                                      budget, f"{mode} needs {need(mode, ladder[-1])} B even at batch {ladder[-1]}; "
-                                      f"feature-extraction at batch {b} fits")
+                return MemoryDecision(
+                    "feature-extraction",
+                    "feature-extraction",
+                    b,
+                    need("feature-extraction", b),
+                    budget,
+                    f"{mode} needs {need(mode, ladder[-1])} B even at batch {ladder[-1]}; "
+                    f"feature-extraction at batch {b} fits",
+                )
     smallest = need("feature-extraction", ladder[-1])
-    return MemoryDecision("excluded", mode, ladder[-1], smallest, budget,
-                          f"needs at least {smallest} B (feature-extraction, batch {ladder[-1]}) > {ram_bytes:.0f} B")
+    return MemoryDecision(
+        "excluded",
+        mode,
+        ladder[-1],
+        smallest,
+        budget,
+        f"needs at least {smallest} B (feature-extraction, batch {ladder[-1]}) > {ram_bytes:.0f} B",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1080,8 +1164,18 @@ def measure_host_throughput(
     if not trainable:
         raise DeviceError("the model has no trainable parameters; set the transfer mode first")
     cfg = model.cfg
-    key = (tuple(sorted(cfg.to_dict().items())), type(model._modules["rnn"][0]["fwd"]).__name__, trainable,
-           batch_size, seq_len, steps, warmup, threads, dp, seed)
+    key = (
+        tuple(sorted(cfg.to_dict().items())),
+        type(model._modules["rnn"][0]["fwd"]).__name__,
+        trainable,
+        batch_size,
+        seq_len,
+        steps,
+        warmup,
+        threads,
+        dp,
+        seed,
+    )
     if key in _THROUGHPUT_CACHE:
         return _THROUGHPUT_CACHE[key]
 

@@ -184,9 +184,9 @@ def _check_args(
                 f"teacher {i} has vocab_size/num_classes {cfg.vocab_size}/{cfg.num_classes}, the student "
                 f"{student.cfg.vocab_size}/{student.cfg.num_classes}; they must share tokenizer and classes"
             )
-    if int(transfer.ids.max()) >= student.cfg.vocab_size:
-        raise ValueError(f"transfer ids reach {int(transfer.ids.max())}, beyond the student vocab {student.cfg.vocab_size}")
-    if teacher_logits is not None and tuple(teacher_logits.shape) != (len(transfer), student.cfg.num_classes):
-        raise ValueError(
-            f"teacher_logits has shape {tuple(teacher_logits.shape)}, expected ({len(transfer)}, {student.cfg.num_classes})"
-        )
+    top = int(transfer.ids.max())
+    if top >= student.cfg.vocab_size:
+        raise ValueError(f"transfer ids reach {top}, beyond the student vocab {student.cfg.vocab_size}")
+    want = (len(transfer), student.cfg.num_classes)
+    if teacher_logits is not None and tuple(teacher_logits.shape) != want:
+        raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)}, expected {want}")

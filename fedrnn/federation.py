@@ -106,11 +106,48 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+class RoundPlugin:
+    """A composable addition to the round loop; every hook defaults to doing nothing.
+
+    Device simulation, privacy accounting, update validation, compression and distillation
+    are plugins, so a run is the plain loop plus what its config switches on.
+    """
+
+    name = "plugin"
+
+    def setup(self, fed: Federation) -> None:
+        """Called once before the first round (after resume state is loaded)."""
+
+    def candidates(self, rnd: int, clients: list[int]) -> list[int]:
+        """Narrow who may be selected this round (e.g. only devices that are online)."""
+        return clients
+
+    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+        """Per-client config overrides; ``None`` means the client's update will not arrive."""
+        return {}
+
+    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+        """Inspect, account for or reject replies before aggregation."""
+        return replies, {}
+
+    def after_aggregate(self, rnd: int, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Work on the new global model (e.g. distil and ship a student); returns metrics."""
+        return {}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """JSON-able state and arrays saved with each round, for resume."""
+        return {}, {}
+
+    def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restore what ``state`` returned."""
+
+
 class Federation:
     def __init__(self, cfg: RunConfig, prepared: Prepared, strategy: Strategy, placement: Placement | None = None,
-                 console: Console | None = None) -> None:
+                 plugins: list[RoundPlugin] | None = None, console: Console | None = None) -> None:
         self.cfg, self.prepared, self.strategy = cfg, prepared, strategy
         self.placement = placement or VirtualClients()
+        self.plugins = plugins or []
         self.run_dir = RunDir(prepared.run_dir)
         self.base = load_base(prepared.teacher_dir)
         self.target = load_target(prepared.target_path)
@@ -128,88 +165,131 @@ class Federation:
         return build_model(self.base, arrays, self.cfg.run.mode)
 
     # ------------------------------------------------------------------ messages
-    def _client_config(self, rnd: int, client: int) -> ConfigRecord:
+    def client_config(self, rnd: int, client: int) -> dict[str, Any]:
         c = self.cfg.client
-        return ConfigRecord({
+        return {
             "server-round": rnd, "client-id": client, "seed": self.cfg.run.seed, "mode": self.cfg.run.mode,
             "lr": c.lr, "local-epochs": c.local_epochs, "batch-size": c.batch_size, "max-steps": c.max_steps,
             "clip-norm": c.clip_norm, "holdout-fraction": c.holdout_fraction,
             "threads": self.cfg.simulation.threads_per_actor,
             "teacher-path": self.prepared.teacher_dir, "target-path": self.prepared.target_path,
             "partitions-path": self.prepared.partitions_path,
-        })
+        }
 
-    def _messages(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], clients: list[int],
-                  message_type: str) -> tuple[list[Message], dict[int, int]]:
+    def messages(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], clients: list[int], message_type: str,
+                 overrides: dict[int, dict[str, Any]] | None = None) -> list[Message]:
+        """One message per client; the strategy adds its own keys (e.g. FedProx's proximal-mu)."""
+        if not clients:
+            return []
         nodes = self.placement.place(grid, clients)
         record = to_record(arrays)
         extra: dict[str, Any] = {}
-        if message_type == MessageType.TRAIN:  # let the strategy add its keys (e.g. proximal-mu)
+        if message_type == MessageType.TRAIN:
             proto = list(self.strategy.configure_train(rnd, record, ConfigRecord(), _OneNode(nodes[0])))
             extra = dict(proto[0].content["config"]) if proto else {}
-        msgs, owner = [], {}
+        msgs = []
         for client, node in zip(clients, nodes, strict=True):
-            config = ConfigRecord({**extra, **self._client_config(rnd, client)})
-            msg = Message(RecordDict({"arrays": record, "config": config}), dst_node_id=node, message_type=message_type)
-            msgs.append(msg)
-            owner[id(msg)] = client
-        return msgs, owner
+            config = ConfigRecord({**extra, **self.client_config(rnd, client), **(overrides or {}).get(client, {})})
+            msgs.append(Message(RecordDict({"arrays": record, "config": config}), dst_node_id=node,
+                                message_type=message_type))
+        return msgs
+
+    # ------------------------------------------------------------------ resume
+    def _restore(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+        arrays, totals = self.initial_arrays(), {"client_train_seconds": 0.0, "bytes_down": 0, "bytes_up": 0,
+                                                 "failures": 0}
+        resumed = self.run_dir.load_state()
+        if resumed is None:
+            return 1, arrays, totals
+        state, saved = resumed
+
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+
+        arrays = part("global/")
+        load_strategy_state(self.strategy, part("strategy/"))
+        for plugin in self.plugins:
+            plugin.load_state(state.get("plugins", {}).get(plugin.name, {}), part(f"plugin/{plugin.name}/"))
+        last = int(state["round"])
+        self.run_dir.truncate_metrics(last)
+        self.console.print(f"[bold]resuming[/] {self.run_dir.path} after round {last}")
+        return last + 1, arrays, state["totals"]
+
+    def _checkpoint(self, rnd: int, arrays: dict[str, np.ndarray], totals: dict[str, Any], row: dict[str, Any]) -> None:
+        saved = {f"global/{k}": v for k, v in arrays.items()}
+        saved |= {f"strategy/{k}": v for k, v in strategy_state(self.strategy).items()}
+        plugin_json = {}
+        for plugin in self.plugins:
+            js, arr = plugin.state()
+            plugin_json[plugin.name] = js
+            saved |= {f"plugin/{plugin.name}/{k}": v for k, v in arr.items()}
+        self.run_dir.append_metrics(row)
+        self.run_dir.save_round(rnd, self.global_model(arrays).state_dict(), saved,
+                                {"totals": totals, "plugins": plugin_json})
 
     # ------------------------------------------------------------------ the loop
     def run(self, grid: Grid) -> dict[str, Any]:
         cfg = self.cfg
-        arrays, start = self.initial_arrays(), 1
-        totals = {"client_train_seconds": 0.0, "bytes_down": 0, "bytes_up": 0, "failures": 0}
-        resumed = self.run_dir.load_state()
-        if resumed is not None:
-            state, saved = resumed
-            start = int(state["round"]) + 1
-            arrays = {k[len("global/"):]: v for k, v in saved.items() if k.startswith("global/")}
-            load_strategy_state(self.strategy, {k[len("strategy/"):]: v for k, v in saved.items()
-                                                if k.startswith("strategy/")})
-            totals = state["totals"]
-            self.run_dir.truncate_metrics(start - 1)
-            self.console.print(f"[bold]resuming[/] {self.run_dir.path} at round {start}")
+        start, arrays, totals = self._restore()
+        for plugin in self.plugins:
+            plugin.setup(self)
         if start == 1:
-            row0 = {"round": 0, **self.evaluator(self.global_model(arrays))}
-            self.run_dir.append_metrics(row0)
+            self.run_dir.append_metrics({"round": 0, **self.evaluator(self.global_model(arrays))})
         t_run = time.perf_counter()
         for rnd in range(start, cfg.run.rounds + 1):
-            t0 = time.perf_counter()
-            rng = np.random.default_rng([cfg.run.seed, rnd])
-            candidates = self.placement.candidates(grid, cfg)
-            k = min(cfg.run.clients_per_round, len(candidates))
-            clients = sorted(int(c) for c in rng.choice(candidates, size=k, replace=False))
-
-            msgs, owner = self._messages(grid, rnd, arrays, clients, MessageType.TRAIN)
-            bytes_down = sum(record_nbytes(m.content["arrays"]) for m in msgs)
-            replies = list(grid.send_and_receive(msgs, timeout=cfg.server.timeout_s))
-            ok = sorted((r for r in replies if not r.has_error()),
-                        key=lambda r: int(r.content["metrics"]["client-id"]))
-            failures = len(msgs) - len(ok)
-            bytes_up = sum(record_nbytes(r.content["arrays"]) for r in ok)
-            client_seconds = sum(float(r.content["metrics"]["train-seconds"]) for r in ok)
-            if ok:
-                agg, _ = self.strategy.aggregate_train(rnd, ok)
-                if agg is not None:
-                    arrays = {k: v.astype(np.float32) for k, v in from_record(agg).items()}
-            row: dict[str, Any] = {
-                "round": rnd, "clients": clients, "trained": len(ok), "failures": failures,
-                "train_loss": float(np.mean([r.content["metrics"]["train-loss"] for r in ok])) if ok else None,
-                "bytes_down": bytes_down, "bytes_up": bytes_up, "client_train_seconds": client_seconds,
-            }
-            row |= self._federated_evaluation(grid, rnd, arrays, rng, clients)
-            if rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds:
-                row |= self.evaluator(self.global_model(arrays))
-            row["round_seconds"] = time.perf_counter() - t0
+            row = self.round(grid, rnd, arrays)
+            arrays = row.pop("_arrays")
+            for key in ("client_train_seconds", "bytes_down", "bytes_up", "failures"):
+                totals[key] += row[key]
             for hook in self.on_round:
                 hook(row)
-            totals = {"client_train_seconds": totals["client_train_seconds"] + client_seconds,
-                      "bytes_down": totals["bytes_down"] + bytes_down, "bytes_up": totals["bytes_up"] + bytes_up,
-                      "failures": totals["failures"] + failures}
             self._checkpoint(rnd, arrays, totals, row)
-        wall = time.perf_counter() - t_run
-        return {"rounds_run": cfg.run.rounds - start + 1, "wall_seconds": wall, **totals}
+        return {"rounds_run": cfg.run.rounds - start + 1, "wall_seconds": time.perf_counter() - t_run, **totals}
+
+    def round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """One round; returns its metrics row (with the new global arrays under ``_arrays``)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        rng = np.random.default_rng([cfg.run.seed, rnd])
+        candidates = self.placement.candidates(grid, cfg)
+        for plugin in self.plugins:
+            candidates = plugin.candidates(rnd, candidates)
+        k = min(cfg.run.clients_per_round, len(candidates))
+        clients = sorted(int(c) for c in rng.choice(candidates, size=k, replace=False)) if k else []
+        overrides: dict[int, dict[str, Any]] = {c: {} for c in clients}
+        for plugin in self.plugins:
+            for c, extra in plugin.configure(rnd, clients, rng).items():
+                if extra is None:
+                    overrides.pop(c, None)
+                elif c in overrides:
+                    overrides[c] |= extra
+        running = sorted(overrides)
+        msgs = self.messages(grid, rnd, arrays, running, MessageType.TRAIN, overrides)
+        bytes_down = sum(record_nbytes(m.content["arrays"]) for m in msgs)
+        replies = list(grid.send_and_receive(msgs, timeout=cfg.server.timeout_s)) if msgs else []
+        ok = sorted((r for r in replies if not r.has_error()), key=lambda r: int(r.content["metrics"]["client-id"]))
+        row: dict[str, Any] = {"round": rnd, "selected": clients, "clients": running, "failures": len(msgs) - len(ok),
+                               "bytes_down": bytes_down}
+        for plugin in self.plugins:
+            ok, extra = plugin.on_replies(rnd, ok)
+            row |= extra
+        row |= {
+            "trained": len(ok),
+            "bytes_up": sum(record_nbytes(r.content["arrays"]) for r in ok),
+            "client_train_seconds": sum(float(r.content["metrics"]["train-seconds"]) for r in ok),
+            "train_loss": float(np.mean([r.content["metrics"]["train-loss"] for r in ok])) if ok else None,
+        }
+        if ok:
+            agg, _ = self.strategy.aggregate_train(rnd, ok)
+            if agg is not None:
+                arrays = {k: v.astype(np.float32) for k, v in from_record(agg).items()}
+        for plugin in self.plugins:
+            row |= plugin.after_aggregate(rnd, grid, arrays)
+        row |= self._federated_evaluation(grid, rnd, arrays, rng, running)
+        if rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds:
+            row |= self.evaluator(self.global_model(arrays))
+        row["round_seconds"] = time.perf_counter() - t0
+        row["_arrays"] = arrays
+        return row
 
     def _federated_evaluation(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], rng: np.random.Generator,
                               clients: list[int]) -> dict[str, Any]:
@@ -217,16 +297,9 @@ class Federation:
         if n == 0:
             return {}
         chosen = sorted(int(c) for c in rng.choice(clients, size=n, replace=False))
-        msgs, _ = self._messages(grid, rnd, arrays, chosen, MessageType.EVALUATE)
+        msgs = self.messages(grid, rnd, arrays, chosen, MessageType.EVALUATE)
         replies = [r for r in grid.send_and_receive(msgs, timeout=self.cfg.server.timeout_s) if not r.has_error()]
         accs = [float(r.content["metrics"]["eval-accuracy"]) for r in replies
                 if "eval-accuracy" in r.content["metrics"]]
         return {"fed_eval_clients": len(accs), "fed_eval_accuracy_mean": float(np.mean(accs)) if accs else None,
                 "fed_eval_accuracy_p10": percentile(accs, 10) if accs else None}
-
-    def _checkpoint(self, rnd: int, arrays: dict[str, np.ndarray], totals: dict[str, Any], row: dict[str, Any]) -> None:
-        model_state = self.global_model(arrays).state_dict()
-        saved = {f"global/{k}": v for k, v in arrays.items()}
-        saved |= {f"strategy/{k}": v for k, v in strategy_state(self.strategy).items()}
-        self.run_dir.append_metrics(row)
-        self.run_dir.save_round(rnd, model_state, saved, {"totals": totals})

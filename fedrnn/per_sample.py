@@ -139,14 +139,16 @@ class _LSTMTap(_Tap):
 
     def sq_norms(self, grad_out: torch.Tensor) -> torch.Tensor:
         h_prev = torch.cat([self.h.new_zeros(self.h.shape[0], 1, self.h.shape[2]), self.h[:, :-1]], dim=1)
-        self.g_ih = torch.bmm(grad_out.transpose(1, 2), self.x)  # [B, 4H, in]
-        self.g_hh = torch.bmm(grad_out.transpose(1, 2), h_prev)  # [B, 4H, H]
+        # one batched matmul gives [dW_ih | dW_hh] per example: [B, 4H, in + H]
+        self.g_w = torch.bmm(grad_out.transpose(1, 2), torch.cat([self.x, h_prev], dim=2))
         self.g_b = grad_out.sum(1)  # [B, 4H], the gradient of both biases
-        return self.g_ih.square().sum((1, 2)) + self.g_hh.square().sum((1, 2)) + 2 * self.g_b.square().sum(1)
+        return self.g_w.square().sum((1, 2)) + 2 * self.g_b.square().sum(1)
 
     def clipped_sum(self, factors: torch.Tensor) -> list[torch.Tensor]:
+        g_w = torch.einsum("b,bij->ij", factors, self.g_w)
         g_b = factors @ self.g_b
-        return [torch.einsum("b,bij->ij", factors, self.g_ih), torch.einsum("b,bij->ij", factors, self.g_hh), g_b, g_b]
+        n_in = self.inner.input_size
+        return [g_w[:, :n_in].contiguous(), g_w[:, n_in:].contiguous(), g_b, g_b.clone()]
 
 
 def _make_tap(module: nn.Module) -> _Tap:
@@ -182,7 +184,7 @@ def per_sample_taps(model: SentimentRNN) -> Iterator[list[_Tap]]:
         raise ValueError(f"no per-sample gradient rule for trainable parameters {stray}")
     taps = [_make_tap(module).train(model.training) for _, _, module in chosen]
     try:
-        for (parent, name, _), tap in zip(chosen, taps):
+        for (parent, name, _), tap in zip(chosen, taps, strict=True):
             setattr(parent, name, tap)
         yield taps
     finally:
@@ -198,7 +200,7 @@ def clipped_grad_sum(
     labels: torch.Tensor,
     max_grad_norm: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Set each trainable parameter's ``.grad`` to the sum of per-example clipped gradients.
+    """Add the sum of per-example clipped gradients to each trainable parameter's ``.grad``.
 
     Each example's gradient (of its own cross-entropy, over all trainable parameters
     jointly) is scaled by ``min(1, C / (norm + 1e-6))`` as Opacus's flat clipping does.
@@ -207,10 +209,10 @@ def clipped_grad_sum(
     logits = model(ids, lengths)
     losses = F.cross_entropy(logits, labels, reduction="none")
     grads = torch.autograd.grad(losses.sum(), [tap.out for tap in taps])
-    norms = torch.stack([tap.sq_norms(g) for tap, g in zip(taps, grads)]).sum(0).sqrt()
+    norms = torch.stack([tap.sq_norms(g) for tap, g in zip(taps, grads, strict=True)]).sum(0).sqrt()
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     for tap in taps:
-        for p, g in zip(tap.params, tap.clipped_sum(factors)):
-            p.grad = g
+        for p, g in zip(tap.params, tap.clipped_sum(factors), strict=True):
+            p.grad = g if p.grad is None else p.grad + g
         tap.out = None
     return losses.detach(), logits.detach(), norms

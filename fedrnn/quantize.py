@@ -116,7 +116,7 @@ def decode(payload: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]] |
     if expected is not None:
         missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
         if missing or extra:
-            raise QuantizationError(f"payload tensors differ from those expected: missing {missing}, unexpected {extra}")
+            raise QuantizationError(f"payload tensors differ from those expected: missing {missing}, extra {extra}")
     out: dict[str, np.ndarray] = {}
     for name in names:
         q = payload[name]
@@ -165,7 +165,9 @@ class ErrorFeedback:
                 raise QuantizationError(f"{name}: residual must be a finite float32 array (got {arr.dtype})")
             self.residuals[name] = arr.copy()
 
-    def compress(self, tensors: Mapping[str, ArrayLike], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    def compress(
+        self, tensors: Mapping[str, ArrayLike], rng: np.random.Generator | None = None
+    ) -> dict[str, np.ndarray]:
         """Encode ``tensors`` plus the carried residual; remember the new rounding error."""
         corrected = {}
         for name, x in tensors.items():

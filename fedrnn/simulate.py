@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedrnn.config import ConfigError, RunConfig, config_from_dict, load_config
+from fedrnn.config import STRATEGIES, ConfigError, RunConfig, config_from_dict, load_config
 from fedrnn.federation import Prepared
 from fedrnn.plots import plot_run
 from fedrnn.prepare import prepare_run
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients-per-round", type=int)
     p.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration")
     p.add_argument("--mode", help="feature-extraction | fine-tune | full")
-    p.add_argument("--strategy", help="fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg | krum | multikrum")
+    p.add_argument("--strategy", help=" | ".join(STRATEGIES))
     p.add_argument("--target", help="amazon | imdb")
     p.add_argument("--seed", type=int)
     p.add_argument("--teacher", help="teacher checkpoint directory (default: cache/teacher)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,7 +78,6 @@ def device_data(data_path: str, teacher_dir: str, holdout: float, seed: int) -> 
 
 @dataclass
 class LocalTrainConfig:
-    mode: str
     lr: float
     epochs: int
     batch_size: int
@@ -89,8 +87,9 @@ class LocalTrainConfig:
     seed: int
 
 
-def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Train the trainable tensors; returns them and the metrics a reply carries.
+def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig,
+                names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train the trainable tensors; returns the tensors ``names`` and the metrics a reply carries.
 
     FedProx's proximal term (mu/2 * ||w - w_global||^2) is added when ``proximal_mu`` > 0.
     """
@@ -108,7 +107,8 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig) -> tu
 
     stats = train_steps(model, data, optimizer, cfg.batch_size, rng, max_steps=cfg.max_steps or None,
                         epochs=cfg.epochs, clip_norm=cfg.clip_norm, loss_fn=loss_fn)
-    arrays = {n: p.detach().numpy().astype(np.float32, copy=True) for n, p in trainable}
+    state = model.state_dict()
+    arrays = {n: state[n].numpy().astype(np.float32, copy=True) for n in names}
     metrics = {"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,
                "steps": float(stats.steps), "samples": float(stats.examples)}
     return arrays, metrics
@@ -117,8 +117,3 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig) -> tu
 def local_evaluate(model: SentimentRNN, data: Encoded) -> dict[str, float]:
     m = evaluate(model, data)
     return {"eval-loss": m["loss"], "eval-accuracy": m["accuracy"]} if not math.isnan(m["loss"]) else {}
-
-
-def resolve_teacher(path: str) -> str:
-    p = Path(path).expanduser()
-    return str(p.resolve())

@@ -13,14 +13,22 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-
 from rich.console import Console
 
 from fedrnn.config import RunConfig, load_config
-from fedrnn.federation import DeviceNodes, Federation, Prepared, VirtualClients
+from fedrnn.device_sim import DeviceSimulation
+from fedrnn.federation import DeviceNodes, Federation, Prepared, RoundPlugin, VirtualClients
 from fedrnn.prepare import prepare_run
 from fedrnn.rundir import RunDir
 from fedrnn.strategies import make_strategy
+
+
+def build_plugins(cfg: RunConfig) -> list[RoundPlugin]:
+    """The round plugins a config switches on, in the order they act each round."""
+    plugins: list[RoundPlugin] = []
+    if cfg.devices.enabled:
+        plugins.append(DeviceSimulation(cfg.devices))
+    return plugins
 
 
 def make_server_app(cfg: RunConfig, prepared: Prepared, summary: dict[str, Any],
@@ -31,7 +39,7 @@ def make_server_app(cfg: RunConfig, prepared: Prepared, summary: dict[str, Any],
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        fed = Federation(cfg, prepared, make_strategy(cfg), VirtualClients(), console=console)
+        fed = Federation(cfg, prepared, make_strategy(cfg), VirtualClients(), build_plugins(cfg), console=console)
         fed.on_round.extend(on_round or [])
         summary.update(fed.run(grid))
 
@@ -50,4 +58,4 @@ def main(grid: Grid, context: Context) -> None:
     RunDir(run_dir).create(cfg.to_dict())
     prepared = prepare_run(cfg, run_dir)
     min_nodes = int(rc.get("min-nodes", cfg.run.clients_per_round))
-    Federation(cfg, prepared, make_strategy(cfg), DeviceNodes(min_nodes)).run(grid)
+    Federation(cfg, prepared, make_strategy(cfg), DeviceNodes(min_nodes), build_plugins(cfg)).run(grid)

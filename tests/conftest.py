@@ -1,0 +1,39 @@
+"""Shared fixtures: the real data directory and a tiny IMDB teacher pretrained once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedrnn.data import DATA_DIR_ENV
+from fedrnn.models import ModelConfig
+from fedrnn.pretrain import PretrainConfig, pretrain
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    value = os.environ.get(DATA_DIR_ENV)
+    if not value or not Path(value).is_dir():
+        pytest.exit(f"${DATA_DIR_ENV} must point at the data sets (e.g. ../shared/data); got {value!r}", returncode=2)
+    return Path(value)
+
+
+TINY_MODEL = ModelConfig(vocab_size=2000, embed_dim=24, hidden_size=24, num_layers=2, dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, dict]:
+    """A 2-layer LSTM pretrained for seconds on 3,000 IMDB reviews (checkpoint dir, metrics)."""
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = PretrainConfig(model=TINY_MODEL, max_len=128, epochs=3, batch_size=32, lr=5e-3, train_limit=3000,
+                         eval_limit=1000, seed=0)
+    metrics = pretrain(cfg, out, str(data_dir), quiet=True)
+    return out, metrics
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FEDRNN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
