@@ -16,7 +16,8 @@ Parity is checked, not assumed: both models run on random token sequences with b
 sizes and lengths different from the export example, against torch. The float model must
 match within ``FLOAT_TOLERANCE`` on logits; the int8 model within ``INT8_PROB_TOLERANCE``
 on class probabilities (int8 rounding moves logits by ~1e-3..1e-2, a probability bound
-reads the same whatever the logit scale). Either failure aborts the export.
+reads the same whatever the logit scale). Either failure aborts the export and removes its
+``config.json``, so a model that failed parity cannot be loaded by mistake.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 def export_onnx(model: SentimentRNN, path: Path) -> None:
     """Export ``model`` (eval mode) to an optimised float32 ONNX file with dynamic batch/length."""
     model.eval()
-    ids = torch.randint(1, max(model.cfg.vocab_size, 2), (2, 8))
+    ids = torch.randint(1, max(model.cfg.vocab_size, 2), (2, 8), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([8, 5])
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_loggers():
@@ -141,13 +142,17 @@ def export_student(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
         "float_tolerance_logit": FLOAT_TOLERANCE,
         "int8_tolerance_prob": INT8_PROB_TOLERANCE,
     }
+    fp, q8 = cfg["parity"]["float"], cfg["parity"]["int8"]
+    problem = None
+    if fp["max_abs_logit_diff"] > FLOAT_TOLERANCE:
+        problem = f"{d / FLOAT_MODEL}: logits differ from torch beyond {FLOAT_TOLERANCE} ({fp})"
+    elif q8["max_abs_prob_diff"] > INT8_PROB_TOLERANCE:
+        problem = f"{d / INT8_MODEL}: probabilities differ from torch beyond {INT8_PROB_TOLERANCE} ({q8})"
+    if problem:
+        (d / EXPORT_CONFIG).unlink()  # without its config the export cannot be loaded by mistake
+        raise ExportError(problem)
     cfg["bytes"] = {name: (d / name).stat().st_size for name in (FLOAT_MODEL, INT8_MODEL, TOKENIZER)}
     write_json(d / EXPORT_CONFIG, cfg)
-    fp, q8 = cfg["parity"]["float"], cfg["parity"]["int8"]
-    if fp["max_abs_logit_diff"] > FLOAT_TOLERANCE:
-        raise ExportError(f"{d / FLOAT_MODEL}: logits differ from torch beyond {FLOAT_TOLERANCE} ({fp})")
-    if q8["max_abs_prob_diff"] > INT8_PROB_TOLERANCE:
-        raise ExportError(f"{d / INT8_MODEL}: probabilities differ from torch beyond {INT8_PROB_TOLERANCE} ({q8})")
     return cfg
 
 

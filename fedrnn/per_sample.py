@@ -1,12 +1,21 @@
-"""Per-sample gradients of ``SentimentRNN`` that keep the fused LSTM kernel, for DP-SGD.
+"""Per-sample clipped gradient sums of ``SentimentRNN`` for DP-SGD, without Opacus's DPLSTM.
 
 DP-SGD needs every example's own gradient (to clip it) rather than the batch sum autograd
 gives. Opacus gets them for recurrent nets by swapping ``nn.LSTM`` for ``DPLSTM``, a
-Python-unrolled cell that runs one small matmul per time step and is 10x+ slower on CPU.
+Python-unrolled cell that runs one small matmul per time step: 12-30x slower than
+non-private training here. Two exact alternatives keep the fused ``nn.LSTM`` kernel:
 
-Here the model keeps its fused ``nn.LSTM`` weights and kernels; each trainable layer is
-temporarily replaced by a *tap* that runs the same computation on detached weights and
-keeps what the layer's per-sample weight gradients are made of:
+``microbatch_clipped_sum``: one forward/backward per example (trimmed to its length, so
+no padding at all). On a single CPU thread a batch-1 LSTM costs about as much per token
+as a batched one, so this is the fastest on the clients' CPUs (``benchmarks/bench_dp.py``).
+The embedding's gradient is taken sparse (only the example's rows), else every example
+would materialise and add a dense vocab x dim matrix.
+
+``clipped_grad_sum`` with ``per_sample_taps``: per-sample gradients for a whole batch in
+one backward pass, for hardware where batching pays (many threads, GPUs) and for
+feature extraction. Each trainable layer is temporarily replaced by a *tap* that runs the
+same computation on detached weights and keeps what its per-sample weight gradients are
+made of:
 
 * ``Linear`` (the head): input ``a_b`` and output gradient ``g_b``; the gradient is
   ``g_b a_b^T``, whose norm is ``|g_b| |a_b|``, so nothing is materialised.
@@ -17,12 +26,13 @@ keeps what the layer's per-sample weight gradients are made of:
   ``u`` is then exactly the gradient of each gate pre-activation, per example and time
   step, from which ``dW_ih[b] = sum_t dgates[b,t] x[b,t]^T``, ``dW_hh[b] = sum_t
   dgates[b,t] h[b,t-1]^T`` and both biases ``sum_t dgates[b,t]`` follow by batched matmuls.
+  (The identity input weights make the kernel ~2.4x dearer: the price of batching.)
 
-One backward pass then yields all per-sample squared norms, and each tap turns per-example
-clipping factors into the clipped gradient sum without a second backward. Frozen layers are
-left untouched and, since nothing below them needs a gradient, autograd records nothing there.
-Padding contributes nothing: positions past an example's length never reach its loss
-(see ``SentimentRNN``), so their gate gradients are exactly zero.
+Frozen layers are left untouched and, since nothing below them needs a gradient, autograd
+records nothing there. Padding contributes nothing: positions past an example's length
+never reach its loss (see ``SentimentRNN``), so their gate gradients are exactly zero.
+Both functions clip each example's gradient over all trainable parameters jointly by
+``min(1, C / (norm + 1e-6))``, as Opacus's flat clipping does.
 """
 
 from __future__ import annotations
@@ -202,8 +212,6 @@ def clipped_grad_sum(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add the sum of per-example clipped gradients to each trainable parameter's ``.grad``.
 
-    Each example's gradient (of its own cross-entropy, over all trainable parameters
-    jointly) is scaled by ``min(1, C / (norm + 1e-6))`` as Opacus's flat clipping does.
     Returns (per-example losses, logits, per-example gradient norms before clipping).
     """
     logits = model(ids, lengths)
@@ -216,3 +224,39 @@ def clipped_grad_sum(
             p.grad = g if p.grad is None else p.grad + g
         tap.out = None
     return losses.detach(), logits.detach(), norms
+
+
+def microbatch_clipped_sum(
+    model: SentimentRNN,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    labels: torch.Tensor,
+    max_grad_norm: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``clipped_grad_sum``'s result, one example at a time through the unmodified model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals = [torch.zeros_like(p) for p in params]
+    losses, logits, norms = [], [], []
+    sparse_before = model.embedding.sparse
+    model.embedding.sparse = model.embedding.weight.requires_grad  # row gradients, not a dense vocab x dim
+    try:
+        for i in range(len(labels)):
+            n = int(lengths[i])
+            logit = model(ids[i : i + 1, :n], lengths[i : i + 1])
+            loss = F.cross_entropy(logit, labels[i : i + 1])
+            grads = [g.coalesce() if g.is_sparse else g for g in torch.autograd.grad(loss, params)]
+            norm = torch.stack([(g.values() if g.is_sparse else g).square().sum() for g in grads]).sum().sqrt()
+            factor = float((max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+            for total, g in zip(totals, grads, strict=True):
+                if g.is_sparse:
+                    total.index_add_(0, g.indices()[0], g.values(), alpha=factor)
+                else:
+                    total.add_(g, alpha=factor)
+            losses.append(loss.detach())
+            logits.append(logit.detach())
+            norms.append(norm)
+    finally:
+        model.embedding.sparse = sparse_before
+    for p, total in zip(params, totals, strict=True):
+        p.grad = total if p.grad is None else p.grad + total
+    return torch.stack(losses), torch.cat(logits), torch.stack(norms)

@@ -22,8 +22,9 @@ zero), computes every sampled review's gradient over the trainable parameters, c
 L2 norm ``max_grad_norm`` (C), sums, adds ``N(0, (sigma C)^2)`` to each coordinate and
 divides by the *expected* batch size ``q n``. This is exactly the sampled Gaussian
 mechanism that Opacus's RDP accountant (``opacus.accountants.RDPAccountant``) analyses, so
-the history ``[(sigma, q, steps), ...]`` fed to it gives a valid epsilon. The optimizer
-(SGD or Adam) only post-processes the privatised gradient.
+the history ``[(sigma, q, steps), ...]`` fed to it gives a valid epsilon (for adding or
+removing one review; ``n``, hence ``q``, is treated as public, as Opacus does). The
+optimizer (SGD or Adam) only post-processes the privatised gradient.
 
 Accounting across rounds. A Flower ClientApp is a fresh process each round, so the
 accountant's whole state is the small ``PrivacyState`` (noise multiplier, clip norm, delta,
@@ -32,12 +33,15 @@ Flower's ``Context.state`` (``to_dict``/``from_dict``: plain numbers and lists, 
 ``ConfigRecord``) or in a file (``to_json``/``from_json``). Before a round trains, the
 epsilon it would reach is computed; if that exceeds the budget the client does not train.
 
-Engines. ``"fused"`` (default) computes per-sample gradients on the plain fused
-``nn.LSTM`` model (``fedrnn.per_sample``); ``"opacus"`` runs Opacus's own ``GradSampleModule``
-and ``DPOptimizer`` on the ``DPLSTM`` twin (``to_dp_model``), with any of Opacus's
-grad-sample modes. Both draw the same batches and feed the same accountant; the fused
-engine is several times faster (``benchmarks/bench_dp.py``) and is checked against Opacus
-in ``tests/test_privacy.py``.
+Engines (all exact, all feeding the same batches to the same accountant):
+``"microbatch"`` runs each sampled review alone through the plain model, the fastest on
+the clients' single CPU thread whenever a recurrent layer trains; ``"fused"`` gets a whole
+batch's per-sample gradients in one pass (``fedrnn.per_sample``), the fastest when only
+the head trains and for hardware where batching pays; ``"auto"`` (default) picks between
+them by transfer mode. ``"opacus"`` runs Opacus's own ``GradSampleModule`` and
+``DPOptimizer`` on the ``DPLSTM`` twin (``to_dp_model``) with any of its grad-sample
+modes: 5-50x slower than non-private training, kept as the reference the others are
+tested against. Ratios are measured by ``benchmarks/bench_dp.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -56,11 +61,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedrnn.models import TRANSFER_MODES, SentimentRNN, set_trainable
-from fedrnn.per_sample import clipped_grad_sum, per_sample_taps
+from fedrnn.per_sample import clipped_grad_sum, microbatch_clipped_sum, per_sample_taps
 from fedrnn.tokenizer import Encoded
 from fedrnn.training import to_tensors
 
-ENGINES = ("fused", "opacus")
+ENGINES = ("auto", "microbatch", "fused", "opacus")
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 TRAINED, BUDGET_EXHAUSTED = "trained", "budget-exhausted"
@@ -298,7 +303,7 @@ def length_chunks(index: np.ndarray, lengths: np.ndarray, chunk_size: int | None
     training is, and on short-review data (Amazon: median ~110 tokens, 9% at the 400 cap)
     padding a whole batch to its longest review costs ~3x. Per-example gradients do not care
     how a batch is grouped, so sorting by length and running small groups recovers most of
-    it; 4 was fastest on the default model on CPU (``benchmarks/bench_dp.py``).
+    it; groups of 4 were the fastest of 1 to 64 on the default model on one CPU thread.
     """
     if not len(index):
         return []
@@ -355,7 +360,7 @@ def train_dp(
     epochs: float | None = None,
     optimizer: str = "adam",
     proximal_mu: float = 0.0,
-    engine: str = "fused",
+    engine: str = "auto",
     grad_sample_mode: str = "hooks",
     chunk_size: int | None = FUSED_CHUNK,
 ) -> tuple[PrivacyState, DPStats]:
@@ -366,7 +371,8 @@ def train_dp(
     the status is ``"budget-exhausted"``. Returns the new state (the caller stores it for the
     next round) and the round's statistics. ``proximal_mu`` > 0 adds FedProx's pull towards
     the round's starting weights. ``grad_sample_mode`` applies to the opacus engine,
-    ``chunk_size`` to the fused one (see ``length_chunks``).
+    ``chunk_size`` to the fused one (see ``length_chunks``; the microbatch engine takes
+    examples one at a time whatever the grouping).
     """
     if mode not in TRANSFER_MODES:
         raise ValueError(f"transfer mode must be one of {TRANSFER_MODES}, got {mode!r}")
@@ -390,6 +396,8 @@ def train_dp(
     if state.target_epsilon is not None and _rdp_epsilon(history, state.delta) > state.target_epsilon:
         return state, DPStats(BUDGET_EXHAUSTED, 0, 0, math.nan, math.nan, 0.0, epsilon(state), **fixed)
 
+    if engine == "auto":
+        engine = "fused" if mode == "feature-extraction" else "microbatch"
     t0 = time.perf_counter()
     set_trainable(model, mode)
     model.train()
@@ -397,10 +405,10 @@ def train_dp(
     anchors = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad and proximal_mu}
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     rnd = _Round(state.noise_multiplier, state.max_grad_norm, q * n, gen, proximal_mu, anchors)
-    if engine == "fused":
-        loss, correct, seen = _run_fused(model, data, batches, rnd, optimizer, lr, chunk_size)
-    else:
+    if engine == "opacus":
         loss, correct, seen = _run_opacus(model, data, batches, rnd, optimizer, lr, grad_sample_mode)
+    else:
+        loss, correct, seen = _run_per_sample(model, data, batches, rnd, optimizer, lr, engine == "fused", chunk_size)
     new_state = replace(state, history=history)
     seconds = time.perf_counter() - t0
     return new_state, DPStats(
@@ -408,19 +416,22 @@ def train_dp(
     )
 
 
-def _run_fused(
+def _run_per_sample(
     model: SentimentRNN, data: Encoded, batches: list[np.ndarray], rnd: _Round, optimizer: str, lr: float,
-    chunk_size: int | None,
+    fused: bool, chunk_size: int | None,
 ) -> tuple[float, int, int]:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     opt = _make_optimizer(optimizer, [p for _, p in named], lr)
     total_loss, correct, seen = 0.0, 0, 0
-    with per_sample_taps(model) as taps:
+    with per_sample_taps(model) if fused else nullcontext() as taps:
         for index in batches:
             opt.zero_grad(set_to_none=True)
             for chunk in length_chunks(index, data.lengths, chunk_size):
                 ids, lengths, labels = to_tensors(data, chunk)
-                losses, logits, _ = clipped_grad_sum(model, taps, ids, lengths, labels, rnd.max_grad_norm)
+                if fused:
+                    losses, logits, _ = clipped_grad_sum(model, taps, ids, lengths, labels, rnd.max_grad_norm)
+                else:
+                    losses, logits, _ = microbatch_clipped_sum(model, ids, lengths, labels, rnd.max_grad_norm)
                 total_loss += float(losses.sum())
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(chunk)

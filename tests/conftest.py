@@ -6,10 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedrnn.data import DATA_DIR_ENV
 from fedrnn.models import ModelConfig
 from fedrnn.pretrain import PretrainConfig, pretrain
+
+
+# One intra-op thread: the tiny test models gain nothing from two, and on a shared 2-core
+# machine two threads per process oversubscribe the CPU and run many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from fedrnn.checkpoint import load_checkpoint, save_checkpoint
 from fedrnn.data import load_imdb
 from fedrnn.distill import agreement, dataset_logits, distill, ensemble_logits, make_student
 from fedrnn.export import FLOAT_TOLERANCE, INT8_PROB_TOLERANCE, ExportError, export_student, resolve_checkpoint
+from fedrnn.export import main as export_main
 from fedrnn.models import ModelConfig, SentimentRNN, num_parameters
 from fedrnn.predict import EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER, PredictError, Predictor
 from fedrnn.tokenizer import encode
@@ -95,7 +96,8 @@ def test_ensemble_target_is_the_mean_of_teacher_logits(setup: dict) -> None:
     b = make_student(a.cfg, embed_dim=8, hidden_size=8).eval()
     ids, lengths = torch.from_numpy(setup["held"].ids[:5].astype(np.int64)), torch.from_numpy(setup["held"].lengths[:5])
     with torch.no_grad():
-        torch.testing.assert_close(ensemble_logits([a, b], ids, lengths), (a.eval()(ids, lengths) + b(ids, lengths)) / 2)
+        mean = (a.eval()(ids, lengths) + b(ids, lengths)) / 2
+    torch.testing.assert_close(ensemble_logits([a, b], ids, lengths), mean)
     data = setup["held"].subset(np.arange(20))
     torch.testing.assert_close(dataset_logits([a, b], data), (predict_logits(a, data) + predict_logits(b, data)) / 2)
 
@@ -181,6 +183,30 @@ def test_onnx_int8_agrees_with_torch_on_real_reviews(exported: Path, distilled: 
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= INT8_PROB_TOLERANCE
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+
+
+def test_export_command_handles_a_bidirectional_gru(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = ModelConfig(vocab_size=setup["teacher"].cfg.vocab_size, embed_dim=8, hidden_size=8, num_layers=1,
+                      bidirectional=True, cell="gru")
+    save_checkpoint(tmp_path / "ckpt", SentimentRNN(cfg), setup["tok"], 64)
+    export_main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")])
+    assert "float max |logit diff|" in capsys.readouterr().out
+    parity = json.loads((tmp_path / "export" / EXPORT_CONFIG).read_text())["parity"]
+    assert parity["float"]["max_abs_logit_diff"] <= FLOAT_TOLERANCE
+    probs = Predictor(tmp_path / "export").predict_proba(setup["held_texts"][:5])
+    assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_export_failing_parity_raises_and_leaves_no_loadable_export(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ModelConfig(vocab_size=setup["teacher"].cfg.vocab_size, embed_dim=8, hidden_size=8, num_layers=1)
+    save_checkpoint(tmp_path / "ckpt", SentimentRNN(cfg), setup["tok"], 32)
+    monkeypatch.setattr("fedrnn.export.INT8_PROB_TOLERANCE", -1.0)  # no int8 model can pass
+    with pytest.raises(ExportError, match="model.int8.onnx: probabilities differ from torch beyond -1.0"):
+        export_student(tmp_path / "ckpt", tmp_path / "export")
+    with pytest.raises(PredictError, match="config.json does not exist"):
+        Predictor(tmp_path / "export")
 
 
 def test_resolve_checkpoint_names_both_places_it_looked(tmp_path: Path) -> None:

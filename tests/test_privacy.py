@@ -146,16 +146,18 @@ def test_partially_trainable_layer_is_refused() -> None:
 # --- the DP-SGD step -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("engine", ["microbatch", "fused"])
 @pytest.mark.parametrize("mode", MODES)
-def test_noiseless_update_is_mean_of_clipped_per_sample_gradients(mode: str) -> None:
+def test_noiseless_update_is_mean_of_clipped_per_sample_gradients(mode: str, engine: str) -> None:
     model, data = _model(), _data()
     set_trainable(model, mode)
     before = copy.deepcopy(model)
     state = PrivacyState(noise_multiplier=0.0, max_grad_norm=0.3, delta=1e-5)
     batch_size, lr = 8, 0.5
     (index,) = poisson_batches(len(data), sample_rate(len(data), batch_size), 1, np.random.default_rng(3))
-    train_dp(model, data, state, mode=mode, batch_size=batch_size, lr=lr, steps=1, optimizer="sgd",
+    train_dp(model, data, state, mode=mode, batch_size=batch_size, lr=lr, steps=1, optimizer="sgd", engine=engine,
              rng=np.random.default_rng(3))
+    assert not model.embedding.sparse  # the microbatch engine's sparse embedding gradients are switched back off
     expected = _clipped_mean(_per_example_grads(before, data, index), 0.3, denominator=batch_size)
     trainable = [n for n, p in before.named_parameters() if p.requires_grad]
     for name, g in zip(trainable, expected, strict=True):
@@ -185,7 +187,7 @@ def test_empty_poisson_batch_still_adds_noise() -> None:
     data, seed = _data(n=20), 0
     while len(poisson_batches(20, sample_rate(20, 1), 1, np.random.default_rng(seed))[0]):
         seed += 1  # find a seed whose single batch is empty (probability 0.95^20 = 0.36 each)
-    for engine in ("fused", "opacus"):
+    for engine in ("microbatch", "fused", "opacus"):
         moved = []
         for noise in (0.0, 1.0):
             model, before = _model(), _model()
@@ -198,15 +200,16 @@ def test_empty_poisson_batch_still_adds_noise() -> None:
 
 
 @pytest.mark.parametrize(("mode", "grad_sample_mode"), [("full", "hooks"), ("fine-tune", "ghost")])
-def test_fused_engine_matches_opacus(mode: str, grad_sample_mode: str) -> None:
+def test_engines_match_opacus(mode: str, grad_sample_mode: str) -> None:
     """Same batches, same noise draws: Opacus's DPOptimizer on DPLSTM lands on the same weights."""
     data, state = _data(), PrivacyState(noise_multiplier=0.7, max_grad_norm=0.4, delta=1e-5)
     models = {}
-    for engine in ("fused", "opacus"):
+    for engine in ("opacus", "microbatch", "fused"):
         models[engine] = _model()
         train_dp(models[engine], data, state, mode=mode, batch_size=8, lr=0.05, steps=3, optimizer="sgd",
                  proximal_mu=0.1, engine=engine, grad_sample_mode=grad_sample_mode, rng=np.random.default_rng(5))
-    assert _state_dict_diff(models["fused"], _model()) > 1e-3  # it did train
+    assert _state_dict_diff(models["opacus"], _model()) > 1e-3  # it did train
+    assert _state_dict_diff(models["microbatch"], models["opacus"]) < 1e-5
     assert _state_dict_diff(models["fused"], models["opacus"]) < 1e-5
 
 
@@ -214,8 +217,8 @@ def test_chunking_does_not_change_the_update() -> None:
     data, state = _data(), PrivacyState(noise_multiplier=0.5, max_grad_norm=0.4, delta=1e-5)
     a, b = _model(), _model()
     for model, chunk in ((a, None), (b, 3)):
-        train_dp(model, data, state, mode="full", batch_size=12, lr=0.05, steps=2, optimizer="sgd", chunk_size=chunk,
-                 rng=np.random.default_rng(2))
+        train_dp(model, data, state, mode="full", batch_size=12, lr=0.05, steps=2, optimizer="sgd", engine="fused",
+                 chunk_size=chunk, rng=np.random.default_rng(2))
     assert _state_dict_diff(a, b) < 1e-6
 
 

@@ -100,6 +100,8 @@ def test_model_payload_is_int8_with_exact_byte_count() -> None:
     assert 3.8 < fp32 / payload_nbytes(payload) < 4.0
     assert payload["embedding.weight" + SCALE_SUFFIX].shape == (200,)  # one scale per embedding row
     assert payload["head.bias" + SCALE_SUFFIX].shape == (1,)  # 1-D: one scale per tensor
+    from_torch = encode(model.state_dict())  # CPU tensors are accepted as they are
+    assert all(np.array_equal(from_torch[k], payload[k]) for k in payload)
 
 
 def test_payload_survives_a_flower_array_record() -> None:

@@ -1,0 +1,120 @@
+"""End to end: a real Flower simulation on Ray with a tiny teacher and real data.
+
+Runs ``python -m fedrnn.simulate`` as a subprocess (as a user would), including a kill -9
+mid-run and ``--resume``, whose final metrics must equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedrnn.checkpoint import load_checkpoint
+from fedrnn.models import trainable_names
+from fedrnn.wire import record_nbytes, to_record
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 420
+
+
+def _cmd(out: Path, teacher: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fedrnn.simulate", "--config", str(ROOT / "configs" / "tiny.toml"),
+            "--teacher", str(teacher), "--out", str(out), *extra]
+
+
+def _env(cache_dir: Path) -> dict[str, str]:
+    return {**os.environ, "FEDRNN_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Path, dict]) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "run"
+    cache = out.parent / "cache"
+    r = subprocess.run(_cmd(out, tiny_teacher[0], "--rounds", "3"), env=_env(cache), cwd=ROOT,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def test_run_writes_everything(finished_run: Path) -> None:
+    rows = _rows(finished_run)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[1:]:
+        assert r["trained"] == 4 and r["failures"] == 0
+        assert 0.0 <= r["target_accuracy"] <= 1.0 and 0.0 <= r["retention_accuracy"] <= 1.0
+        assert r["fed_eval_clients"] == 4 and r["fed_eval_accuracy_p10"] <= r["fed_eval_accuracy_mean"]
+        assert {f"target_accuracy/{c}" for c in ("books", "dvd", "electronics", "kitchen")} <= set(r)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["final"]["round"] == 3 and summary["client_train_seconds"] > 0
+    for name in ("accuracy.png", "loss.png", "config.json", "partitions.npz"):
+        assert (finished_run / name).stat().st_size > 0
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == [
+        "round_001.safetensors", "round_002.safetensors", "round_003.safetensors"]
+
+
+def test_only_trainable_tensors_travel(finished_run: Path, tiny_teacher: tuple[Path, dict]) -> None:
+    model, _, _ = load_checkpoint(tiny_teacher[0])
+    sd = model.state_dict()
+    names = trainable_names(model, "fine-tune")
+    fine_tune = record_nbytes(to_record({n: sd[n].numpy() for n in names}))  # serialized, headers included
+    raw = sum(sd[n].numel() * 4 for n in names)
+    assert raw < fine_tune < raw + 200 * len(names)
+    for r in _rows(finished_run)[1:]:
+        assert r["bytes_down"] == 4 * fine_tune  # 4 clients, exactly the fine-tune tensors
+        assert r["bytes_up"] == 4 * fine_tune
+    assert raw < sum(v.numel() * 4 for v in sd.values()) / 2
+    # frozen tensors really stayed frozen: the embedding and lower layer equal the teacher's
+    final = load_file(str(finished_run / "checkpoints" / "round_003.safetensors"))
+    assert np.array_equal(final["embedding.weight"], sd["embedding.weight"].numpy())
+    assert np.array_equal(final["rnn.0.fwd.weight_hh_l0"], sd["rnn.0.fwd.weight_hh_l0"].numpy())
+    assert not np.array_equal(final["head.weight"], sd["head.weight"].numpy())
+
+
+def test_same_seed_same_metrics_and_resume_after_kill(finished_run: Path, tmp_path: Path,
+                                                      tiny_teacher: tuple[Path, dict]) -> None:
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(out, tiny_teacher[0], "--rounds", "3"), env=_env(finished_run.parent / "cache"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = out / "state.json"
+            if state.is_file() and json.loads(state.read_text())["round"] >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray workers it started
+        proc.wait(timeout=30)
+    done = json.loads((out / "state.json").read_text())["round"]
+    assert 1 <= done < 3
+    r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", "--resume", str(out)],
+                       env=_env(finished_run.parent / "cache"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming" in r.stdout
+    resumed, reference = _rows(out), _rows(finished_run)
+    assert [x["round"] for x in resumed] == [0, 1, 2, 3]
+    keys = ("target_accuracy", "target_loss", "retention_accuracy", "train_loss", "fed_eval_accuracy_mean",
+            "clients", "bytes_down")
+    for a, b in zip(resumed, reference, strict=True):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+
+
+def test_bad_config_value_is_named(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
+    r = subprocess.run(_cmd(tmp_path / "x", tiny_teacher[0], "--alpha", "-2"), env=_env(tmp_path), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "run.alpha" in r.stderr
