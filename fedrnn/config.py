@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrnn.models import TRANSFER_MODES
+from fedrnn.devices import NETWORKS, PROFILES, DeviceError, load_trace
+from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
+from fedrnn.models import CELLS, TRANSFER_MODES
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 TARGETS = ("amazon", "imdb")
 DEADLINE_POLICIES = ("drop", "partial", "wait")
+WIRE_DTYPES = ("float32", "int8")
+ROUNDINGS = ("nearest", "stochastic")
+ATTACKS = ("sign-flip", "scale", "label-flip")
+CLIENT_DP = ("off", "fixed", "adaptive")
 
 
 class ConfigError(ValueError):
@@ -44,6 +50,8 @@ class RunSection:
     teacher: str = ""  # checkpoint dir; "" = cache/teacher, pretrained on first use
     data_dir: str = ""  # "" = $FEDRNN_DATA_DIR or ./data
     min_client_examples: int = 4
+    init: str = "teacher"  # teacher | scratch (random weights: the no-transfer baseline, mode "full")
+    data_fraction: float = 1.0  # share of the target pool given to clients (data-per-client sweeps)
 
     def validate(self) -> None:
         _check(self.clients >= 1, "run.clients", "must be >= 1", self.clients)
@@ -55,6 +63,10 @@ class RunSection:
         _check(self.mode in TRANSFER_MODES, "run.mode", f"must be one of {TRANSFER_MODES}", self.mode)
         _check(self.strategy in STRATEGIES, "run.strategy", f"must be one of {STRATEGIES}", self.strategy)
         _check(self.min_client_examples >= 2, "run.min_client_examples", "must be >= 2", self.min_client_examples)
+        _check(self.init in ("teacher", "scratch"), "run.init", "must be teacher or scratch", self.init)
+        _check(self.init == "teacher" or self.mode == "full", "run.mode", "must be full with run.init = scratch",
+               self.mode)
+        _check(0 < self.data_fraction <= 1, "run.data_fraction", "must be in (0, 1]", self.data_fraction)
 
 
 @dataclass
@@ -124,6 +136,7 @@ class DevicesSection:
     host_samples_per_s: float = 0.0  # 0 = measure this host once at the start of the run
     min_batch_size: int = 4
     per_class_eval: bool = True  # global model accuracy on each device class's held-out data
+    class_eval_examples: int = 0  # per device class, a fixed seeded subset of its held-out data; 0 = all
 
     def validate(self) -> None:
         if not self.enabled:
@@ -131,12 +144,183 @@ class DevicesSection:
         _check(bool(self.mix) != bool(self.trace), "devices.mix/devices.trace", "needs exactly one of them",
                (self.mix, self.trace))
         for name, frac in self.mix.items():
+            _check(name in PROFILES, f"devices.mix.{name}", f"is not a device profile; known: {sorted(PROFILES)}",
+                   name)
             _check(frac >= 0, f"devices.mix.{name}", "must be >= 0", frac)
+        if self.mix:
+            _check(abs(sum(self.mix.values()) - 1) < 1e-6, "devices.mix", "fractions must sum to 1", self.mix)
+        _check(self.network in ("", *NETWORKS), "devices.network", f"must be \"\" or one of {sorted(NETWORKS)}",
+               self.network)
+        _check(self.availability in ("", *AVAILABILITY_KINDS), "devices.availability",
+               f"must be \"\" or one of {AVAILABILITY_KINDS}", self.availability)
+        if self.trace:
+            try:
+                load_trace(Path(self.trace))
+            except DeviceError as e:
+                raise ConfigError(f"devices.trace: {e}") from None
         _check(self.policy in DEADLINE_POLICIES, "devices.policy", f"must be one of {DEADLINE_POLICIES}", self.policy)
         _check(self.policy == "wait" or self.deadline_s > 0, "devices.deadline_s",
                f"must be > 0 with policy {self.policy!r}", self.deadline_s)
         _check(self.host_samples_per_s >= 0, "devices.host_samples_per_s", "must be >= 0", self.host_samples_per_s)
         _check(self.min_batch_size >= 1, "devices.min_batch_size", "must be >= 1", self.min_batch_size)
+        _check(self.class_eval_examples >= 0, "devices.class_eval_examples", "must be >= 0", self.class_eval_examples)
+
+
+@dataclass
+class DistillSection:
+    """Server-side distillation of a compact student (see ``fedrnn.distill_plugin``); off by default."""
+
+    enabled: bool = False
+    every_k_rounds: int = 1  # distil after every k-th round (and always after the last)
+    steps: int = 200  # optimizer steps per distillation
+    batch_size: int = 64
+    temperature: float = 2.0
+    lr: float = 3e-3
+    transfer_pool: int = 50000  # unlabelled IMDB reviews the server holds (tokenized and cached once)
+    transfer_examples: int = 5000  # fresh random subsample of the pool used by each distillation
+    embed_dim: int = 32
+    hidden_size: int = 64
+    num_layers: int = 1
+    cell: str = "lstm"
+    feddf: bool = False  # teacher = ensemble of the round's client models (FedDF) instead of the global model
+    ship: bool = True  # send the int8 student to the round's clients, which report on-device accuracy
+
+    def validate(self) -> None:
+        for key in ("every_k_rounds", "steps", "batch_size", "transfer_pool", "transfer_examples", "embed_dim",
+                    "hidden_size", "num_layers"):
+            _check(getattr(self, key) >= 1, f"distill.{key}", "must be >= 1", getattr(self, key))
+        _check(self.temperature > 0, "distill.temperature", "must be > 0", self.temperature)
+        _check(0 < self.lr < 10, "distill.lr", "must be in (0, 10)", self.lr)
+        _check(self.transfer_examples <= self.transfer_pool, "distill.transfer_examples",
+               f"must be <= distill.transfer_pool = {self.transfer_pool}", self.transfer_examples)
+        _check(self.cell in CELLS, "distill.cell", f"must be one of {CELLS}", self.cell)
+
+
+@dataclass
+class CompressionSection:
+    """What travels as int8 (see ``fedrnn.compression``); float32 both ways by default."""
+
+    downlink: str = "float32"  # the global tensors sent to clients: float32 | int8 (per-row scales)
+    uplink: str = "float32"  # clients' replies: float32 weights | int8 updates (delta from what they received)
+    rounding: str = "nearest"  # int8 uplink rounding: nearest | stochastic (unbiased)
+    error_feedback: bool = False  # int8 uplink: carry each client's rounding residual into its next update
+
+    def validate(self) -> None:
+        _check(self.downlink in WIRE_DTYPES, "compression.downlink", f"must be one of {WIRE_DTYPES}", self.downlink)
+        _check(self.uplink in WIRE_DTYPES, "compression.uplink", f"must be one of {WIRE_DTYPES}", self.uplink)
+        _check(self.rounding in ROUNDINGS, "compression.rounding", f"must be one of {ROUNDINGS}", self.rounding)
+        _check(self.rounding == "nearest" or self.uplink == "int8", "compression.rounding",
+               "applies to the int8 uplink only; set compression.uplink = \"int8\"", self.rounding)
+        _check(not self.error_feedback or self.uplink == "int8", "compression.error_feedback",
+               "applies to the int8 uplink only; set compression.uplink = \"int8\"", self.error_feedback)
+
+    @property
+    def active(self) -> bool:
+        return self.downlink == "int8" or self.uplink == "int8"
+
+
+@dataclass
+class RobustSection:
+    """Bounds every client reply must meet to be aggregated (see ``fedrnn.validation``)."""
+
+    max_update_norm: float = 0.0  # L2 bound on ||w_client - w_global||; 0 = none (honest scale depends on mode, lr)
+    max_norm_ratio: float = 10.0  # reject updates > ratio x the round's (lower) median norm; 0 = off
+    max_num_examples: int = 1_000_000  # num-examples cap for real devices (simulated ones: their shard size)
+
+    def validate(self) -> None:
+        _check(self.max_update_norm >= 0, "robust.max_update_norm", "must be >= 0 (0 = no bound)", self.max_update_norm)
+        _check(self.max_norm_ratio == 0 or self.max_norm_ratio >= 1, "robust.max_norm_ratio",
+               "must be 0 (off) or >= 1", self.max_norm_ratio)
+        _check(self.max_num_examples >= 1, "robust.max_num_examples", "must be >= 1", self.max_num_examples)
+
+
+@dataclass
+class AttackSection:
+    """Byzantine clients for robustness studies (see ``fedrnn.attacks``); off while clients = 0."""
+
+    clients: int = 0  # k malicious clients: a seeded set of client ids, fixed for the run
+    kind: str = "sign-flip"  # sign-flip | scale | label-flip
+    scale: float = 10.0  # update multiplier of the "scale" attack
+
+    def validate(self) -> None:
+        _check(self.clients >= 0, "attack.clients", "must be >= 0", self.clients)
+        _check(self.kind in ATTACKS, "attack.kind", f"must be one of {ATTACKS}", self.kind)
+        _check(self.scale > 1, "attack.scale", "must be > 1", self.scale)
+
+
+@dataclass
+class FaultsSection:
+    """Fault injection for tests and studies (see ``fedrnn.faults``); off while no client is named."""
+
+    raise_clients: list[int] = field(default_factory=list)  # these clients' ClientApp raises mid-training
+    hang_clients: list[int] = field(default_factory=list)  # ... sleeps hang_s seconds mid-training
+    crash_clients: list[int] = field(default_factory=list)  # ... kills its own process (os._exit)
+    hang_s: float = 30.0
+    rounds: list[int] = field(default_factory=list)  # rounds in which the faults fire; empty = every round
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.raise_clients or self.hang_clients or self.crash_clients)
+
+    def validate(self) -> None:
+        named = self.raise_clients + self.hang_clients + self.crash_clients
+        _check(len(named) == len(set(named)), "faults", "must name each client at most once", named)
+        _check(all(c >= 0 for c in named), "faults.*_clients", "must hold client ids >= 0", named)
+        _check(self.hang_s > 0, "faults.hang_s", "must be > 0", self.hang_s)
+        _check(all(r >= 1 for r in self.rounds), "faults.rounds", "must hold round numbers >= 1", self.rounds)
+
+
+@dataclass
+class PrivacySection:
+    """Differential privacy (``fedrnn.privacy_ledger``, ``fedrnn.client_dp``); both levels off by default.
+
+    Record-level DP-SGD on every client protects each single review; client-level DP (the
+    server clips whole updates and noises their average) protects a device's whole data set.
+    """
+
+    record_level: bool = False
+    noise_multiplier: float = 0.0  # record-level sigma; 0 = calibrate it from target_epsilon
+    target_epsilon: float = 0.0  # each client's record-level budget at delta; 0 = none (account only)
+    planned_rounds: int = 0  # rounds a calibrated client budget covers; 0 = ceil(rounds * clients_per_round / clients)
+    max_grad_norm: float = 1.0  # per-review gradient clip
+    delta: float = 1e-5  # both levels
+    client_level: str = "off"  # off | fixed | adaptive (Flower's server-side clipping wrappers)
+    clipping_norm: float = 0.1  # L2 clip of a client's update (adaptive: the initial one)
+    clients_noise_multiplier: float = 0.0  # 0 = calibrate it from clients_target_epsilon over run.rounds
+    clients_target_epsilon: float = 0.0  # client-level budget at delta; 0 = none (account only)
+    target_clipped_quantile: float = 0.5  # adaptive only
+    clip_norm_lr: float = 0.2  # adaptive only
+    clipped_count_stddev: float = 0.0  # adaptive only; 0 = Flower's default (clients per round / 20)
+
+    def validate(self) -> None:
+        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)", self.delta)
+        if self.record_level:
+            _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0", self.noise_multiplier)
+            _check(self.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0", self.target_epsilon)
+            _check(self.noise_multiplier > 0 or self.target_epsilon > 0, "privacy.noise_multiplier/target_epsilon",
+                   "record_level needs one of them > 0", (self.noise_multiplier, self.target_epsilon))
+            _check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0", self.max_grad_norm)
+            _check(self.planned_rounds >= 0, "privacy.planned_rounds", "must be >= 0", self.planned_rounds)
+        _check(self.client_level in CLIENT_DP, "privacy.client_level", f"must be one of {CLIENT_DP}", self.client_level)
+        if self.client_level != "off":
+            _check(self.clipping_norm > 0, "privacy.clipping_norm", "must be > 0", self.clipping_norm)
+            _check(self.clients_noise_multiplier >= 0, "privacy.clients_noise_multiplier", "must be >= 0",
+                   self.clients_noise_multiplier)
+            _check(self.clients_target_epsilon >= 0, "privacy.clients_target_epsilon", "must be >= 0",
+                   self.clients_target_epsilon)
+            _check(self.clients_noise_multiplier > 0 or self.clients_target_epsilon > 0,
+                   "privacy.clients_noise_multiplier/clients_target_epsilon", "client_level needs one of them > 0",
+                   (self.clients_noise_multiplier, self.clients_target_epsilon))
+            _check(0 <= self.target_clipped_quantile <= 1, "privacy.target_clipped_quantile", "must be in [0, 1]",
+                   self.target_clipped_quantile)
+            _check(self.clip_norm_lr > 0, "privacy.clip_norm_lr", "must be > 0", self.clip_norm_lr)
+            _check(self.clipped_count_stddev >= 0, "privacy.clipped_count_stddev", "must be >= 0",
+                   self.clipped_count_stddev)
+
+    def check_strategy(self, strategy: str) -> None:
+        """Flower's central-DP noise is calibrated to a plain average of clipped updates."""
+        _check(self.client_level == "off" or strategy in ("fedavg", "fedprox"), "run.strategy",
+               f"must be fedavg or fedprox with privacy.client_level = {self.client_level!r}", strategy)
 
 
 @dataclass
@@ -146,10 +330,17 @@ class RunConfig:
     server: ServerSection = field(default_factory=ServerSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     devices: DevicesSection = field(default_factory=DevicesSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
+    robust: RobustSection = field(default_factory=RobustSection)
+    attack: AttackSection = field(default_factory=AttackSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self.privacy.check_strategy(self.run.strategy)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -167,6 +358,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is dict:
         _check(isinstance(value, dict), key, "must be a table", value)
         return {str(k): _coerce(f"{key}.{k}", v, typing.get_args(hint)[1]) for k, v in value.items()}
+    if typing.get_origin(hint) is list:
+        _check(isinstance(value, list), key, "must be a list", value)
+        return [_coerce(f"{key}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(value)]
     if hint is bool:
         _check(isinstance(value, bool), key, "must be true or false", value)
     elif hint is int:

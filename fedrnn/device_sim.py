@@ -1,28 +1,60 @@
-"""Round plugin that puts a simulated device fleet under the federation.
+"""Round plugin that puts a simulated device fleet (``fedrnn.devices``) under the federation.
 
-Each round it keeps only online devices as candidates, fits every selected client's training
-into its RAM (smaller batch, or feature extraction, or excluded), plans the round on the
-simulated clock from the real payload bytes and the real local work, and lets only the
-clients that report in time train (partial clients for as many steps as fit). The metrics
-say who took part per device class, what was sent, and how the global model serves each
-class's users.
+Each round it keeps only online devices as candidates (skipping the clock ahead when nobody is
+online), fits every selected client's training into its RAM (smaller batch, or feature
+extraction, or excluded), plans the round on the simulated clock from the bytes that really
+travel and the local work each client really does, and lets only the clients that report in
+time train - partial clients for exactly the steps that fit. The metrics say who took part per
+device class, what was sent, and how the global model serves each class's users.
+
+Reproducibility: the fleet is rebuilt from the seed (or the trace), every random draw comes
+from the round's seeded generator, and the simulated time and the host throughput measured at
+the start of the run are saved with each round, so ``--resume`` continues the same clock.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedrnn.config import DevicesSection
-from fedrnn.devices import Fleet, RoundPlan, adapt_to_memory, measure_host_throughput, plan_round, summarize_by_class
+from fedrnn.devices import (
+    HOUR,
+    Fleet,
+    MemoryDecision,
+    RoundPlan,
+    adapt_to_memory,
+    measure_host_throughput,
+    plan_round,
+    summarize_by_class,
+)
 from fedrnn.federation import Federation, RoundPlugin
-from fedrnn.models import set_trainable
 from fedrnn.partitions import load_partitions, split_holdout
+from fedrnn.quantize import encode
 from fedrnn.task import build_model
+from fedrnn.tokenizer import Encoded
 from fedrnn.training import evaluate
+from fedrnn.wire import record_nbytes, to_record
+
+REPORTED = ("ok", "partial")
+
+
+def local_work(train_examples: int, epochs: int, batch_size: int, max_steps: int) -> tuple[int, int]:
+    """(samples, optimizer steps) a client trains with no deadline, as ``fedrnn.training.train_steps`` does.
+
+    Every epoch is ``ceil(n / batch)`` length-bucketed batches; ``max_steps`` (0 = none) caps the
+    steps, and then the samples at ``max_steps x batch``.
+    """
+    steps = epochs * math.ceil(train_examples / batch_size)
+    samples = epochs * train_examples
+    if max_steps:
+        steps, samples = min(steps, max_steps), min(samples, max_steps * batch_size)
+    return samples, steps
 
 
 class DeviceSimulation(RoundPlugin):
@@ -30,89 +62,149 @@ class DeviceSimulation(RoundPlugin):
 
     def __init__(self, cfg: DevicesSection) -> None:
         self.cfg = cfg
-        self.sim_time = 0.0
-        self.host_sps: dict[str, float] = {}  # "mode/batch" -> samples/s, measured once per run
+        self.sim_time = 0.0  # seconds since 00:00 UTC of day 0
+        self.host_sps: dict[str, float] = {}  # "mode/batch" -> samples/s measured on this host, once per run
+        self.idle_s = 0.0  # simulated seconds skipped this round because no device was online
         self.plan: RoundPlan | None = None
+        self.payload = (0, 0)  # this round's bytes per client (down, up)
 
+    # ------------------------------------------------------------------ setup
     def setup(self, fed: Federation) -> None:
         self.fed = fed
-        n = fed.cfg.run.clients
+        run, c = fed.cfg.run, fed.cfg.client
         if self.cfg.trace:
             self.fleet = Fleet.from_trace(self.cfg.trace)
-            if len(self.fleet) != n:
-                raise ValueError(f"devices.trace {self.cfg.trace} has {len(self.fleet)} clients but run.clients = {n}")
+            if len(self.fleet) != run.clients:
+                raise ValueError(f"devices.trace {self.cfg.trace} has {len(self.fleet)} clients but "
+                                 f"run.clients = {run.clients}")
         else:
-            self.fleet = Fleet.from_mix(n, self.cfg.mix, seed=fed.cfg.run.seed, networks=self.cfg.network or None,
+            self.fleet = Fleet.from_mix(run.clients, self.cfg.mix, seed=run.seed, networks=self.cfg.network or None,
                                         availability=self.cfg.availability or None)
-        c = fed.cfg.client
-        shards = load_partitions(fed.prepared.partitions_path)
-        self.splits = [split_holdout(s, c.holdout_fraction, fed.cfg.run.seed, i) for i, s in enumerate(shards)]
-        self.payload = sum(a.nbytes for a in fed.initial_arrays().values())
+        splits = [split_holdout(s, c.holdout_fraction, run.seed, i)
+                  for i, s in enumerate(load_partitions(fed.prepared.partitions_path))]
+        self.train_sizes = [len(train) for train, _ in splits]
+        self.dp = fed.cfg.privacy.record_level
+        # RAM budgets never change, so each client's fit is decided once; a batch of full-length
+        # reviews (the teacher's max_len) is the peak a client can meet.
+        decisions: dict[float, MemoryDecision] = {}
+        self.memory = [decisions.setdefault(float(ram), adapt_to_memory(
+            fed.base.cfg, run.mode, c.batch_size, fed.base.max_len, float(ram), dp=self.dp,
+            min_batch_size=self.cfg.min_batch_size)) for ram in self.fleet.ram_bytes]
+        # Compute is timed at the mean review length of the target pool: batches are length-bucketed
+        # and trimmed, so a typical sample costs a mean-length review.
+        self.seq_len = max(1, round(float(np.mean(fed.target.pool.lengths))))
+        for d in decisions.values():
+            if d.status != "excluded":
+                self._host_throughput(d)
+        self.class_eval = self._class_eval_sets([held for _, held in splits]) if self.cfg.per_class_eval else {}
 
-    def _host_throughput(self, mode: str, batch: int) -> float:
-        """Measured samples/s on this host for (mode, batch); stored so a resumed run reuses it."""
+    def _host_throughput(self, d: MemoryDecision) -> float:
+        """Samples/s of real training steps on this host for the decision's mode and batch (stored for resume)."""
         if self.cfg.host_samples_per_s:
             return self.cfg.host_samples_per_s
-        key = f"{mode}/{batch}"
+        key = f"{d.mode}/{d.batch_size}"
         if key not in self.host_sps:
-            model = build_model(self.fed.base, {}, mode)
-            set_trainable(model, mode)
-            self.host_sps[key] = measure_host_throughput(model, batch, self.fed.base.max_len // 2)
+            model = build_model(self.fed.base, {}, d.mode, dp=self.dp)
+            self.host_sps[key] = measure_host_throughput(model, d.batch_size, self.seq_len, dp=self.dp)
         return self.host_sps[key]
 
+    def _class_eval_sets(self, held: list[np.ndarray]) -> dict[str, Encoded]:
+        """Each device class's users' held-out reviews (a fixed seeded subset if capped)."""
+        pool, cap, out = self.fed.target.pool, self.cfg.class_eval_examples, {}
+        for i, cls in enumerate(sorted(set(self.fleet.device_class))):
+            idx = np.concatenate([h for h, k in zip(held, self.fleet.device_class, strict=True) if k == cls])
+            if cap and len(idx) > cap:
+                idx = np.sort(np.random.default_rng([self.fed.cfg.run.seed, 9, i]).choice(idx, cap, replace=False))
+            out[cls] = pool.subset(idx)
+        return out
+
+    def _payload_bytes(self, rnd: int) -> tuple[int, int]:
+        """Bytes of one client's download and upload: the records that really travel this round.
+
+        Down: what ``Federation.messages`` sends, through the federation's codec if one is set
+        (``fedrnn.compression`` encodes int8; encoding is deterministic, so this call yields the
+        same record). Up: the trained tensors, or their int8 update under ``compression.uplink``
+        (same names and shapes as the download, so the same int8 size whatever the values).
+        """
+        arrays = self.fed.current_arrays
+        codec = self.fed.codec
+        down = to_record(codec.encode_down(arrays, rnd, MessageType.TRAIN) if codec is not None else arrays)
+        up = to_record(encode(arrays) if self.fed.cfg.compression.uplink == "int8" else arrays)
+        return record_nbytes(down), record_nbytes(up)
+
+    # ------------------------------------------------------------------ round hooks
     def candidates(self, rnd: int, clients: list[int]) -> list[int]:
-        online = set(self.fleet.available(self.sim_time).tolist())
-        return [c for c in clients if c in online]
+        self.idle_s = 0.0
+        online = self.fleet.available(self.sim_time)
+        if online.size == 0:  # nobody online: wait (in simulated time) for the first device to come back
+            nxt = self.fleet.next_available_time(self.sim_time)
+            if math.isinf(nxt):
+                return []
+            self.idle_s, self.sim_time = nxt - self.sim_time, nxt
+            online = self.fleet.available(self.sim_time)
+        keep = set(online.tolist())
+        return [c for c in clients if c in keep]
 
     def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
-        fed, c = self.fed, self.fed.cfg.client
-        decisions = [adapt_to_memory(fed.base.cfg, fed.cfg.run.mode, c.batch_size, fed.base.max_len,
-                                     self.fleet.ram_bytes[k], min_batch_size=self.cfg.min_batch_size) for k in clients]
-        batches = [d.batch_size for d in decisions]
-        work = [c.local_epochs * len(self.splits[k][0]) for k in clients]
-        if c.max_steps:
-            work = [min(w, c.max_steps * b) for w, b in zip(work, batches, strict=True)]
+        c = self.fed.cfg.client
+        decisions = [self.memory[k] for k in clients]
+        work = [local_work(self.train_sizes[k], c.local_epochs, d.batch_size, c.max_steps)
+                for k, d in zip(clients, decisions, strict=True)]
+        self.payload = self._payload_bytes(rnd)
         self.plan = plan_round(
-            self.fleet, clients, bytes_down=self.payload, bytes_up=self.payload, work_samples=work,
-            batch_size=batches, host_samples_per_s=[self._host_throughput(d.mode, d.batch_size) for d in decisions],
+            self.fleet, clients, bytes_down=self.payload[0], bytes_up=self.payload[1],
+            work_samples=[w for w, _ in work], local_steps=[s for _, s in work],
+            batch_size=[d.batch_size for d in decisions],
+            host_samples_per_s=[1.0 if d.status == "excluded" else self._host_throughput(d) for d in decisions],
             deadline_s=self.cfg.deadline_s or None, policy=self.cfg.policy, rng=rng, sim_time=self.sim_time,
             excluded_memory=[d.status == "excluded" for d in decisions],
         )
-        self.memory = {k: d for k, d in zip(clients, decisions, strict=True)}
-        out: dict[int, dict[str, Any] | None] = {}
-        for cp, d in zip(self.plan.clients, decisions, strict=True):
-            if cp.status in ("ok", "partial"):
-                out[cp.client_id] = {"max-steps": cp.steps, "batch-size": d.batch_size, "train-mode": d.mode}
-            else:
-                out[cp.client_id] = None
         self.sim_time += self.plan.duration_s
-        return out
+        return {cp.client_id: {"max-steps": cp.steps, "batch-size": d.batch_size, "train-mode": d.mode}
+                if cp.status in REPORTED else None
+                for cp, d in zip(self.plan.clients, decisions, strict=True)}
 
     def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
         plan = self.plan
-        statuses = [cp.status for cp in plan.clients] if plan else []
-        adapted = {str(k): d.status for k, d in self.memory.items() if d.status != "ok"}
+        if plan is None:
+            raise RuntimeError("on_replies before configure: the round loop plans every round first")
+        trained = {self.fed.sent.get(r.metadata.reply_to_message_id, -1): int(r.content["metrics"]["steps"])
+                   for r in replies}
+        statuses = Counter(cp.status for cp in plan.clients)
+        adapted = {str(cp.client_id): {"status": d.status, "mode": d.mode, "batch_size": d.batch_size}
+                   for cp in plan.clients if (d := self.memory[cp.client_id]).status != "ok"}
+        clients = {str(cp.client_id): {"class": cp.device_class, "status": cp.status, "steps": cp.steps,
+                                       "steps_total": cp.steps_total, "time_s": cp.time_s,
+                                       "trained_steps": trained.get(cp.client_id)}
+                   for cp in plan.clients}
         return replies, {
-            "sim_time_h": self.sim_time / 3600, "round_sim_seconds": plan.duration_s if plan else 0.0,
-            "stragglers": statuses.count("late") + statuses.count("partial"), "dropouts": statuses.count("dropout"),
-            "excluded_memory": statuses.count("excluded-memory"), "memory_adapted": adapted,
-            "device_classes": summarize_by_class(plan) if plan else {},
+            "sim_time_h": self.sim_time / HOUR,
+            "round_sim_seconds": plan.duration_s,
+            "idle_sim_seconds": self.idle_s,
+            "stragglers": statuses["late"] + statuses["partial"],
+            "late": statuses["late"],
+            "partial": statuses["partial"],
+            "dropouts": statuses["dropout"],
+            "excluded_memory": statuses["excluded-memory"],
+            "memory_adapted": adapted,
+            "device_classes": summarize_by_class(plan),
+            "device_clients": clients,
+            "payload_bytes": {"down": self.payload[0], "up": self.payload[1]},
+            "host_samples_per_s": {"configured": self.cfg.host_samples_per_s} if self.cfg.host_samples_per_s
+            else dict(self.host_sps),
         }
 
     def after_aggregate(self, rnd: int, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        if not self.cfg.per_class_eval:
+        """Accuracy of the new global model for each device class's users, on the server's eval rounds."""
+        cfg = self.fed.cfg
+        if not self.class_eval or not (rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds):
             return {}
         model = self.fed.global_model(arrays)
-        pool = self.fed.target.pool
-        out = {}
-        for cls in sorted(set(self.fleet.device_class)):
-            held = [self.splits[k][1] for k in range(len(self.splits)) if self.fleet.device_class[k] == cls]
-            out[f"class_accuracy/{cls}"] = evaluate(model, pool.subset(np.concatenate(held)))["accuracy"]
-        return out
+        return {f"class_accuracy/{cls}": evaluate(model, data)["accuracy"] for cls, data in self.class_eval.items()}
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {"sim_time": self.sim_time, "host_sps": self.host_sps}, {}
 
     def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.sim_time = float(state.get("sim_time", 0.0))
-        self.host_sps = dict(state.get("host_sps", {}))
+        self.host_sps = {k: float(v) for k, v in state.get("host_sps", {}).items()}

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from fedrnn.config import RunConfig
 from fedrnn.evaluation import ServerEvaluator
-from fedrnn.models import trainable_names
+from fedrnn.models import SentimentRNN, trainable_names
 from fedrnn.rundir import RunDir
 from fedrnn.strategies import load_strategy_state, strategy_state
 from fedrnn.target import load_target
@@ -42,6 +42,12 @@ class Prepared:
     target_path: str
     partitions_path: str
     run_dir: str
+
+
+class Codec(Protocol):
+    """Turns the global tensors into what actually travels to clients (e.g. int8 with scales)."""
+
+    def encode_down(self, arrays: dict[str, np.ndarray], rnd: int, message_type: str) -> dict[str, np.ndarray]: ...
 
 
 class Placement(Protocol):
@@ -68,13 +74,22 @@ class VirtualClients:
 
 
 class DeviceNodes:
-    """Deployment: every connected SuperNode is one device; the client id is its node id."""
+    """Deployment: every connected SuperNode is one device; the client id is its node id.
+
+    ``min_nodes`` gates the first round only (the fleet assembling); later rounds go ahead
+    with the devices online then, so a Pi that loses power cannot stall the fleet: its
+    unanswered message counts as a failure and it drops out of selection once the SuperLink
+    misses its heartbeats.
+    """
 
     def __init__(self, min_nodes: int, wait_s: float = 120.0) -> None:
         self.min_nodes, self.wait_s = min_nodes, wait_s
+        self._assembled = False
 
     def candidates(self, grid: Grid, cfg: RunConfig) -> list[int]:
-        return _wait_for_nodes(grid, self.min_nodes, self.wait_s)
+        nodes = _wait_for_nodes(grid, 1 if self._assembled else self.min_nodes, self.wait_s)
+        self._assembled = True
+        return nodes
 
     def place(self, grid: Grid, clients: list[int]) -> list[int]:
         return list(clients)
@@ -100,6 +115,25 @@ class _OneNode:
 
     def get_node_ids(self) -> list[int]:
         return [self.node]
+
+
+def reported_accuracy(reply: Message) -> float | None:
+    """A reply's ``eval-accuracy`` if it is a number in [0, 1]; anything else is not counted."""
+    metrics = reply.content.metric_records.get("metrics")
+    value = metrics.get("eval-accuracy") if metrics is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return None
+    return float(value)
+
+
+def sample(rng: np.random.Generator, ids: list[int], k: int) -> list[int]:
+    """``k`` of ``ids`` without replacement, sorted.
+
+    Draws positions, not the ids themselves: SuperNode ids are uint64, and numpy would turn a
+    list mixing ids above and below 2**63 into float64, corrupting them. For the same
+    generator state this picks exactly what ``rng.choice(ids, k)`` picks.
+    """
+    return sorted(int(ids[i]) for i in rng.choice(len(ids), size=k, replace=False)) if k else []
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,10 +188,18 @@ class Federation:
         self.evaluator = ServerEvaluator(self.target, cfg.server.target_test_examples, cfg.run.seed)
         self.console = console or Console()
         self.on_round: list[Callable[[dict[str, Any]], None]] = []
+        # This round's global tensors and training messages (message id -> client), for reply validation.
+        self.current_arrays: dict[str, np.ndarray] = {}
+        self.sent: dict[str, int] = {}
+        self.codec: Codec | None = None  # set by a plugin's setup (fedrnn.compression); None = float32 as is
 
     # ------------------------------------------------------------------ model
     def initial_arrays(self) -> dict[str, np.ndarray]:
+        """The teacher's trainable tensors, or freshly initialised ones for ``run.init = scratch``."""
         model = build_model(self.base, {}, self.cfg.run.mode)
+        if self.cfg.run.init == "scratch":
+            torch.manual_seed(self.cfg.run.seed)
+            model = SentimentRNN(self.base.cfg)
         names = trainable_names(model, self.cfg.run.mode)
         return {n: model.state_dict()[n].numpy().astype(np.float32) for n in names}
 
@@ -171,18 +213,24 @@ class Federation:
             "server-round": rnd, "client-id": client, "seed": self.cfg.run.seed, "mode": self.cfg.run.mode,
             "lr": c.lr, "local-epochs": c.local_epochs, "batch-size": c.batch_size, "max-steps": c.max_steps,
             "clip-norm": c.clip_norm, "holdout-fraction": c.holdout_fraction,
-            "threads": self.cfg.simulation.threads_per_actor,
+            "threads": self.cfg.simulation.threads_per_actor, "timeout-s": self.cfg.server.timeout_s,
             "teacher-path": self.prepared.teacher_dir, "target-path": self.prepared.target_path,
             "partitions-path": self.prepared.partitions_path,
         }
 
     def messages(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], clients: list[int], message_type: str,
-                 overrides: dict[int, dict[str, Any]] | None = None) -> list[Message]:
-        """One message per client; the strategy adds its own keys (e.g. FedProx's proximal-mu)."""
+                 overrides: dict[int, dict[str, Any]] | None = None, encoded: bool = False) -> list[Message]:
+        """One message per client; the strategy adds its own keys (e.g. FedProx's proximal-mu).
+
+        The strategy always sees the float tensors (FedAdam keeps them as its reference); the
+        ``codec``, if any, decides what travels. ``encoded``: ``arrays`` already is a wire
+        payload (e.g. an int8 student), not global tensors for the codec.
+        """
         if not clients:
             return []
         nodes = self.placement.place(grid, clients)
         record = to_record(arrays)
+        wire = record if encoded or self.codec is None else to_record(self.codec.encode_down(arrays, rnd, message_type))
         extra: dict[str, Any] = {}
         if message_type == MessageType.TRAIN:
             proto = list(self.strategy.configure_train(rnd, record, ConfigRecord(), _OneNode(nodes[0])))
@@ -190,7 +238,7 @@ class Federation:
         msgs = []
         for client, node in zip(clients, nodes, strict=True):
             config = ConfigRecord({**extra, **self.client_config(rnd, client), **(overrides or {}).get(client, {})})
-            msgs.append(Message(RecordDict({"arrays": record, "config": config}), dst_node_id=node,
+            msgs.append(Message(RecordDict({"arrays": wire, "config": config}), dst_node_id=node,
                                 message_type=message_type))
         return msgs
 
@@ -249,12 +297,13 @@ class Federation:
     def round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         """One round; returns its metrics row (with the new global arrays under ``_arrays``)."""
         cfg, t0 = self.cfg, time.perf_counter()
+        self.current_arrays = arrays  # the global tensors this round's updates are measured against
         rng = np.random.default_rng([cfg.run.seed, rnd])
         candidates = self.placement.candidates(grid, cfg)
         for plugin in self.plugins:
             candidates = plugin.candidates(rnd, candidates)
         k = min(cfg.run.clients_per_round, len(candidates))
-        clients = sorted(int(c) for c in rng.choice(candidates, size=k, replace=False)) if k else []
+        clients = sample(rng, candidates, k)
         overrides: dict[int, dict[str, Any]] = {c: {} for c in clients}
         for plugin in self.plugins:
             for c, extra in plugin.configure(rnd, clients, rng).items():
@@ -266,15 +315,19 @@ class Federation:
         msgs = self.messages(grid, rnd, arrays, running, MessageType.TRAIN, overrides)
         bytes_down = sum(record_nbytes(m.content["arrays"]) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=cfg.server.timeout_s)) if msgs else []
-        ok = sorted((r for r in replies if not r.has_error()), key=lambda r: int(r.content["metrics"]["client-id"]))
+        # A reply's client is the one its message was sent to, never what the reply claims to be.
+        self.sent = {m.metadata.message_id: c for m, c in zip(msgs, running, strict=True)}
+        ok = sorted((r for r in replies if not r.has_error()),
+                    key=lambda r: self.sent.get(r.metadata.reply_to_message_id, -1))
         row: dict[str, Any] = {"round": rnd, "selected": clients, "clients": running, "failures": len(msgs) - len(ok),
-                               "bytes_down": bytes_down}
+                               "bytes_down": bytes_down,
+                               # counted as received: plugins may decode (int8 -> float32) or reject replies
+                               "bytes_up": sum(record_nbytes(a) for r in ok for a in r.content.array_records.values())}
         for plugin in self.plugins:
             ok, extra = plugin.on_replies(rnd, ok)
             row |= extra
         row |= {
             "trained": len(ok),
-            "bytes_up": sum(record_nbytes(r.content["arrays"]) for r in ok),
             "client_train_seconds": sum(float(r.content["metrics"]["train-seconds"]) for r in ok),
             "train_loss": float(np.mean([r.content["metrics"]["train-loss"] for r in ok])) if ok else None,
         }
@@ -296,10 +349,9 @@ class Federation:
         n = int(round(self.cfg.server.fraction_evaluate * len(clients)))
         if n == 0:
             return {}
-        chosen = sorted(int(c) for c in rng.choice(clients, size=n, replace=False))
+        chosen = sample(rng, clients, n)
         msgs = self.messages(grid, rnd, arrays, chosen, MessageType.EVALUATE)
         replies = [r for r in grid.send_and_receive(msgs, timeout=self.cfg.server.timeout_s) if not r.has_error()]
-        accs = [float(r.content["metrics"]["eval-accuracy"]) for r in replies
-                if "eval-accuracy" in r.content["metrics"]]
+        accs = [a for r in replies if (a := reported_accuracy(r)) is not None]
         return {"fed_eval_clients": len(accs), "fed_eval_accuracy_mean": float(np.mean(accs)) if accs else None,
                 "fed_eval_accuracy_p10": percentile(accs, 10) if accs else None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from fedrnn.checkpoint import load_checkpoint
@@ -45,11 +46,16 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = N
     if not rd.partitions_path.is_file():
         data = load_target(str(target))
         # the partitioners read labels and groups only
-        pool = Reviews(texts=[""] * len(data.pool), labels=data.pool.labels, groups=data.pool_groups, source=str(target))
+        keep = np.arange(len(data.pool))
+        if cfg.run.data_fraction < 1:  # a seeded subsample of the pool; the rest is never given out
+            rng = np.random.default_rng([cfg.run.seed, 4])
+            keep = np.sort(rng.permutation(len(keep))[: int(round(cfg.run.data_fraction * len(keep)))])
+        pool = Reviews(texts=[""] * len(keep), labels=data.pool.labels[keep], groups=data.pool_groups[keep],
+                       source=str(target))
         if cfg.run.target == "amazon":
             shards = partition_amazon(pool, cfg.run.clients, cfg.run.alpha, cfg.run.seed, cfg.run.min_client_examples)
         else:
             shards = partition_by_group(pool, cfg.run.clients, cfg.run.seed, cfg.run.min_client_examples)
         rd.path.mkdir(parents=True, exist_ok=True)
-        save_partitions(str(rd.partitions_path), shards)
+        save_partitions(str(rd.partitions_path), [keep[s] for s in shards])
     return Prepared(teacher, str(Path(target).resolve()), str(rd.partitions_path.resolve()), str(rd.path.resolve()))

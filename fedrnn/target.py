@@ -7,8 +7,8 @@ array instead of re-reading and re-tokenizing text every round.
 Pools:
 * ``amazon``: clients' pool = the fixed Amazon train split (1,600 per category); target test =
   the Amazon test split (400 per category).
-* ``imdb``: the IMDB test reviews (unseen by the teacher), split by movie: 80% of movies form
-  the clients' pool, 20% the target test set.
+* ``imdb``: the IMDB test reviews (unseen by the teacher), split by movie: 90% of the reviews form
+  the clients' pool, 10% the target test set.
 Both carry ``retention``: a fixed IMDB test subset that measures how much source skill is kept.
 """
 
@@ -54,7 +54,7 @@ def prepare_target(
         pool, test = amazon_split(load_amazon(data_dir))
         rest = imdb_test
     else:
-        pool, test = imdb_validation_split(imdb_test, fraction=0.2, seed=7)
+        pool, test = imdb_validation_split(imdb_test, fraction=0.1, seed=7)
         rest = test
     ret = rest.subset(np.random.default_rng(11).permutation(len(rest))[:retention])
     arrays: dict[str, np.ndarray] = {}

@@ -9,25 +9,46 @@ reads ``config`` (a TOML path) and ``run-dir`` from the run config in pyproject.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedrnn.config import RunConfig, load_config
+from fedrnn.attacks import AttackSimulation
+from fedrnn.checkpoint import write_json
+from fedrnn.compression import Int8Compression
+from fedrnn.config import RunConfig, config_from_dict, load_config
 from fedrnn.device_sim import DeviceSimulation
+from fedrnn.distill_plugin import StudentDistillation
+from fedrnn.faults import FaultInjection
 from fedrnn.federation import DeviceNodes, Federation, Prepared, RoundPlugin, VirtualClients
 from fedrnn.prepare import prepare_run
+from fedrnn.privacy_ledger import privacy_plugins
 from fedrnn.rundir import RunDir
 from fedrnn.strategies import make_strategy
+from fedrnn.validation import ReplyValidator
 
 
 def build_plugins(cfg: RunConfig) -> list[RoundPlugin]:
     """The round plugins a config switches on, in the order they act each round."""
-    plugins: list[RoundPlugin] = []
+    # The reply validator acts first: nothing unchecked reaches another plugin or the strategy. Only an
+    # int8 uplink decoder goes before it, since the validator checks the decoded float32 weights.
+    # The privacy plugins go before all: the record-level ledger reads only each reply's privacy state, and
+    # every update a client released must be accounted, even one the validator then rejects.
+    plugins: list[RoundPlugin] = privacy_plugins(cfg)
+    if cfg.compression.active:
+        plugins.append(Int8Compression(cfg.compression))
+    plugins.append(ReplyValidator(cfg.robust))
+    if cfg.attack.clients:
+        plugins.append(AttackSimulation(cfg.attack))
+    if cfg.faults.enabled:
+        plugins.append(FaultInjection(cfg.faults))
     if cfg.devices.enabled:
         plugins.append(DeviceSimulation(cfg.devices))
+    if cfg.distill.enabled:  # last: it distils from the aggregate of the replies every other plugin accepted
+        plugins.append(StudentDistillation(cfg.distill))
     return plugins
 
 
@@ -46,16 +67,31 @@ def make_server_app(cfg: RunConfig, prepared: Prepared, summary: dict[str, Any],
     return app
 
 
+APP_DIR = Path(__file__).resolve().parent.parent
 app = ServerApp()
+
+
+def app_file(value: str) -> Path:
+    """A relative ``config`` path names a file shipped with the app (``flwr run`` bundles configs/)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else APP_DIR / path
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of ``flwr run``: every device is a SuperNode."""
+    """Entry point of ``flwr run``: every device is a SuperNode.
+
+    Running it again with the same ``run-dir`` continues that run after its last completed round.
+    """
     rc = context.run_config
-    cfg = load_config(str(rc["config"]) if rc.get("config") else None)
-    run_dir = str(rc.get("run-dir", "runs/deployment"))
-    RunDir(run_dir).create(cfg.to_dict())
-    prepared = prepare_run(cfg, run_dir)
+    cfg = load_config(app_file(str(rc["config"])) if rc.get("config") else None)
+    run_dir = RunDir(str(rc.get("run-dir", "runs/deployment")))
+    if (run_dir.path / "state.json").is_file():
+        cfg = config_from_dict(run_dir.config())  # resuming: the run's own config, as --resume does
+    else:
+        run_dir.create(cfg.to_dict())
+    prepared = prepare_run(cfg, run_dir.path)
     min_nodes = int(rc.get("min-nodes", cfg.run.clients_per_round))
-    Federation(cfg, prepared, make_strategy(cfg), DeviceNodes(min_nodes), build_plugins(cfg)).run(grid)
+    totals = Federation(cfg, prepared, make_strategy(cfg), DeviceNodes(min_nodes), build_plugins(cfg)).run(grid)
+    rows = run_dir.read_metrics()
+    write_json(run_dir.path / "summary.json", {"final": rows[-1] if rows else {}, **totals})

@@ -1,0 +1,138 @@
+"""Benchmark the main job and the Simulation Engine set-up (issue 3 targets).
+
+    FEDRNN_DATA_DIR=../shared/data python benchmarks/bench_simulate.py [--part default|plain|scale|all]
+
+* ``default``: ``python -m fedrnn.simulate --clients 100`` (teacher cached): wall time
+  (target <= 180 s) and simulation efficiency = clients' local training seconds / wall
+  seconds (target >= 0.8).
+* ``plain``: the same training (100 clients, 10 per round, the default config's local work)
+  on a plain Flower app with default client resources (``benchmarks/plain_flower.py``)
+  against fedrnn; target: fedrnn >= 2x faster.
+* ``scale``: 100 vs 10,000 clients at 10 per round, identical work per sampled client
+  (IMDB target, one local step of batch 2, no federated evaluation): wall time and peak
+  memory of the whole process tree (driver + Ray); target: 10,000 within 1.2x of 100.
+
+Each measurement runs in a fresh subprocess (its own Ray). Results merge into
+benchmarks/results/simulate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "simulate.json"
+
+
+def run_measured(cmd: list[str], cwd: Path = ROOT) -> dict:
+    """Run a command; wall time and peak summed RSS of its whole process tree (sampled at 5 Hz)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate(timeout=1800)
+    done.set()
+    t.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-4000:]}")
+    return {"wall_seconds": time.perf_counter() - t0, "peak_rss_mb": peak / 2**20, "log_tail": out[-600:]}
+
+
+def simulate(out: Path, *args: str) -> dict:
+    m = run_measured([sys.executable, "-m", "fedrnn.simulate", "--out", str(out), *args])
+    summary = json.loads((out / "summary.json").read_text())
+    m.pop("log_tail")
+    return {**m, "efficiency_loop": summary["simulation_efficiency"],
+            "efficiency_total": summary["client_train_seconds"] / m["wall_seconds"],
+            "client_train_seconds": summary["client_train_seconds"],
+            "target_accuracy": summary["final"].get("target_accuracy")}
+
+
+def part_default(tmp: Path) -> dict:
+    r = simulate(tmp / "default", "--clients", "100")
+    return {**r, "command": "python -m fedrnn.simulate --clients 100",
+            "targets": {"wall_seconds": 180, "efficiency": 0.8}}
+
+
+PLAIN = """
+import json, sys
+from benchmarks.plain_flower import run_plain
+cfg, rounds, per_round, clients = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print("RESULT", json.dumps(run_plain(cfg, rounds, per_round, clients)))
+"""
+
+
+def part_plain(tmp: Path, rounds: int = 5) -> dict:
+    fed_out = tmp / "fedrnn-plain-cmp"
+    fed = simulate(fed_out, "--clients", "100", "--rounds", str(rounds), "--config",
+                   str(ROOT / "benchmarks" / "plain_compare.toml"))
+    prepared = {"teacher-path": str((ROOT / "cache" / "teacher").resolve()),
+                "target-path": _target_path(fed_out), "partitions-path": str(fed_out / "partitions.npz"),
+                "mode": "fine-tune", "lr": 1e-3, "local-epochs": 2, "batch-size": 16, "holdout-fraction": 0.2,
+                "seed": 0}
+    m = run_measured([sys.executable, "-c", PLAIN, json.dumps(prepared), str(rounds), "10", "100"])
+    line = next(ln for ln in m["log_tail"].splitlines() if ln.startswith("RESULT"))
+    plain = json.loads(line[len("RESULT "):])
+    return {"rounds": rounds, "fedrnn_wall_seconds": fed["wall_seconds"], "plain_wall_seconds": m["wall_seconds"],
+            "fedrnn_client_train_seconds": fed["client_train_seconds"],
+            "plain_client_train_seconds": plain["client_train_seconds"],
+            "speedup": m["wall_seconds"] / fed["wall_seconds"], "target_speedup": 2.0}
+
+
+def _target_path(run: Path) -> str:
+    cache = Path(os.environ.get("FEDRNN_CACHE_DIR", ROOT / "cache")) / "target"
+    return str(max(cache.glob("amazon-*.npz"), key=lambda p: p.stat().st_mtime).resolve())
+
+
+def part_scale(tmp: Path) -> dict:
+    cfg = str(ROOT / "benchmarks" / "scale.toml")
+    small = simulate(tmp / "scale-100", "--config", cfg, "--clients", "100")
+    large = simulate(tmp / "scale-10000", "--config", cfg, "--clients", "10000")
+    return {"clients_100": small, "clients_10000": large,
+            "time_ratio": large["wall_seconds"] / small["wall_seconds"],
+            "memory_ratio": large["peak_rss_mb"] / small["peak_rss_mb"], "target_ratio": 1.2}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["default", "plain", "scale", "all"], default="all")
+    a = p.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    parts = {"default": part_default, "plain": part_plain, "scale": part_scale}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in parts.items():
+            if a.part in (name, "all"):
+                results[name] = fn(Path(tmp)) | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                 "load_average_before": os.getloadavg()}
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+                print(name, json.dumps(results[name], indent=2))
+
+
+if __name__ == "__main__":
+    main()

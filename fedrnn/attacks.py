@@ -1,0 +1,79 @@
+"""Byzantine clients for robustness studies: who is malicious (server side) and what they do (client side).
+
+A seeded set of ``attack.clients`` client ids is malicious for the whole run, as compromised
+devices would be. When one of them is selected, ``AttackSimulation.configure`` tells it so
+through its per-client config (``attack``, ``attack-scale``) and the ClientApp then:
+
+* ``label-flip``: trains honestly on data whose labels are flipped (a data-poisoning attack
+  that a norm check cannot see);
+* ``sign-flip``: returns ``w_global - (w_local - w_global)``, the opposite of its honest update;
+* ``scale``: returns ``w_global + scale * (w_local - w_global)``, a boosted update that
+  dominates a plain average.
+
+Honest clients get no attack keys, so their messages are byte-identical to an attack-free run.
+Simulation only: in deployment every client is a real device and nobody is told to misbehave.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+
+from fedrnn.config import ATTACKS, AttackSection, ConfigError
+from fedrnn.federation import Federation, RoundPlugin
+from fedrnn.tokenizer import Encoded
+
+
+def malicious_clients(num_clients: int, k: int, seed: int) -> list[int]:
+    """The seeded, fixed set of ``k`` malicious client ids out of ``num_clients``."""
+    rng = np.random.default_rng([seed, 4])
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
+class AttackSimulation(RoundPlugin):
+    name = "attack"
+
+    def __init__(self, cfg: AttackSection) -> None:
+        self.cfg = cfg
+
+    def setup(self, fed: Federation) -> None:
+        if self.cfg.clients > fed.cfg.run.clients:
+            raise ConfigError(f"attack.clients must be <= run.clients = {fed.cfg.run.clients}, got {self.cfg.clients}")
+        self.fed = fed
+        self.malicious = set(malicious_clients(fed.cfg.run.clients, self.cfg.clients, fed.cfg.run.seed))
+        self.round_attackers: list[int] = []
+
+    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+        self.round_attackers = [c for c in clients if c in self.malicious]
+        return {c: {"attack": self.cfg.kind, "attack-scale": self.cfg.scale} for c in self.round_attackers}
+
+    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+        # Called after the validator: how many of the selected attackers got through to aggregation.
+        through = {self.fed.sent.get(r.metadata.reply_to_message_id) for r in replies} & set(self.round_attackers)
+        return replies, {"attackers": len(self.round_attackers), "attackers_aggregated": len(through)}
+
+
+def attack_of(cfg: ConfigRecord) -> str:
+    """The attack a client's message asks it to carry out ("" for an honest client)."""
+    kind = str(cfg.get("attack", ""))
+    if kind and kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r} in the message config; expected one of {ATTACKS}")
+    return kind
+
+
+def poison_data(data: Encoded, kind: str) -> Encoded:
+    """Label-flip: the same reviews with every binary label inverted; other kinds leave data alone."""
+    if kind != "label-flip":
+        return data
+    return Encoded(data.ids, data.lengths, (1 - data.labels).astype(data.labels.dtype))
+
+
+def poison_update(local: dict[str, np.ndarray], received: dict[str, np.ndarray], kind: str,
+                  scale: float) -> dict[str, np.ndarray]:
+    """Sign-flip or scale the update ``local - received``; other kinds return ``local`` unchanged."""
+    factor = {"sign-flip": -1.0, "scale": scale}.get(kind)
+    if factor is None:
+        return local
+    return {k: (received[k] + factor * (v - received[k])).astype(np.float32) for k, v in local.items()}

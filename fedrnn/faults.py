@@ -1,0 +1,58 @@
+"""Fault injection for tests and studies: make chosen clients raise, hang or crash mid-training.
+
+Off unless the config's ``[faults]`` section names clients. ``FaultInjection.configure``
+marks the chosen clients' messages (``fault`` = raise | hang | crash, ``hang-s``), and the
+ClientApp calls ``inject_fault`` after it has loaded its data and model, i.e. in the middle
+of its training job. What the run must survive:
+
+* ``raise``: the ClientApp raises; Flower turns it into an error reply (the slot fails);
+* ``hang``: the ClientApp sleeps ``hang-s`` seconds; the server stops waiting after
+  ``server.timeout_s`` and the client's own deadline (``fedrnn.deadline``) frees its worker;
+* ``crash``: the ClientApp's process dies (``os._exit``), as on an out-of-memory kill; on
+  the Simulation Engine that is a dead Ray actor, which Ray restarts (see ``fedrnn.simulate``).
+
+In deployment the client ids are SuperNode ids, so a real device can be made to fail too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from fedrnn.config import FaultsSection
+from fedrnn.federation import RoundPlugin
+
+
+class InjectedFault(RuntimeError):
+    """The failure a ``raise`` fault produces: recognisable in logs and error replies."""
+
+
+class FaultInjection(RoundPlugin):
+    name = "faults"
+
+    def __init__(self, cfg: FaultsSection) -> None:
+        self.cfg = cfg
+        self.kinds = {c: kind for kind, ids in (("raise", cfg.raise_clients), ("hang", cfg.hang_clients),
+                                                ("crash", cfg.crash_clients)) for c in ids}
+
+    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+        if self.cfg.rounds and rnd not in self.cfg.rounds:
+            return {}
+        return {c: {"fault": self.kinds[c], "hang-s": self.cfg.hang_s} for c in clients if c in self.kinds}
+
+
+def inject_fault(cfg: ConfigRecord) -> None:
+    """Fail as the message config says (no-op for a message without ``fault``)."""
+    kind = str(cfg.get("fault", ""))
+    if kind == "raise":
+        raise InjectedFault(f"injected fault: client {cfg.get('client-id')} raised mid-training")
+    if kind == "hang":
+        time.sleep(float(cfg["hang-s"]))
+    elif kind == "crash":
+        os._exit(1)  # no cleanup, no reply: the process is simply gone
+    elif kind:
+        raise ValueError(f"unknown fault {kind!r} in the message config; expected raise, hang or crash")

@@ -1,0 +1,218 @@
+"""Record-level DP across rounds: each client's privacy accountant, kept between ephemeral ClientApps.
+
+What this protects. One **review** of one device (see ``fedrnn.privacy``): every model update
+a client ever sends is the output of DP-SGD, so the server, the other clients and anyone who
+sees a global model learn almost the same whether or not any single review was in that
+device's data. It does not hide a device's overall data (its style, label mix, size, or that
+it took part); that is client-level DP (``fedrnn.client_dp``). Metrics sent next to an
+update (loss, accuracy, example count) are not privatised.
+
+How epsilon is accounted. A ClientApp is a fresh process each round, so the accountant's
+whole state (a ``PrivacyState``: noise multiplier, clip norm, delta, budget and the RDP
+history ``[(sigma, sampling rate, steps), ...]``) travels with the work:
+
+* simulation: the server's ``PrivacyLedger`` keeps every virtual client's state, sends it
+  in the client's config (``dp-state-*`` keys), and stores the updated state each reply
+  carries (a ``ConfigRecord`` named ``privacy``). The ledger is a round plugin, so the
+  states are saved with every round and restored by ``--resume``.
+* real devices (``node_config`` has ``data-path``): the device keeps its own state in
+  ``<state-dir>/privacy-<hash of data-path>.json`` (node config ``state-dir``, default
+  ``~/.fedrnn``) and trusts only that file, written before the update is sent. The budget
+  belongs to the device's data, so it survives restarts, resumes and later runs; the noise,
+  clip, delta and budget fixed when the file was created apply until it is deleted.
+
+A client's epsilon covers exactly the rounds it trained in (Opacus's RDP accountant over its
+history). With ``privacy.target_epsilon`` and no ``noise_multiplier``, each client calibrates
+its noise at its first round so that ``planned_rounds`` rounds just fit the budget. Before
+each round the client checks that the round would stay within its budget; if not it sends
+its received weights back untrained, and the ledger drops that reply (it is not an update),
+counts it, and never selects the client again. The ledger acts before the reply validator,
+so even an update the validator later rejects is accounted: it was released to the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import replace
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.common.logger import log
+
+from fedrnn.checkpoint import write_json
+from fedrnn.client_dp import ClientLevelLedger
+from fedrnn.config import PrivacySection, RunConfig
+from fedrnn.federation import Federation, RoundPlugin, percentile
+from fedrnn.models import SentimentRNN
+from fedrnn.privacy import TRAINED, PrivacyState, epsilon, new_privacy_state, planned_steps, train_dp
+from fedrnn.task import LocalTrainConfig
+from fedrnn.tokenizer import Encoded
+from fedrnn.wire import state_to_arrays
+
+STATE_PREFIX = "dp-state-"  # config keys carrying the client's PrivacyState to it
+REPLY_RECORD = "privacy"  # the ConfigRecord carrying it back
+DEFAULT_STATE_DIR = "~/.fedrnn"
+
+
+def record_dp_config(p: PrivacySection, planned_rounds: int, state: PrivacyState | None) -> dict[str, Any]:
+    """Config keys that switch a client to DP-SGD, with its state so far (none before its first round)."""
+    cfg: dict[str, Any] = {
+        "dp-record": True, "dp-noise-multiplier": p.noise_multiplier, "dp-target-epsilon": p.target_epsilon,
+        "dp-max-grad-norm": p.max_grad_norm, "dp-delta": p.delta, "dp-planned-rounds": planned_rounds,
+    }
+    if state is not None:
+        cfg |= {STATE_PREFIX + k: v for k, v in state.to_dict().items()}
+    return cfg
+
+
+# ---------------------------------------------------------------------------- client side
+def device_state_file(node_config: Any) -> Path | None:
+    """Where a real device keeps its privacy state; ``None`` in simulation (the server keeps it)."""
+    if "data-path" not in node_config:
+        return None
+    data = Path(str(node_config["data-path"])).expanduser().resolve()
+    root = Path(str(node_config.get("state-dir", DEFAULT_STATE_DIR))).expanduser()
+    return root / f"privacy-{hashlib.sha256(str(data).encode()).hexdigest()[:16]}.json"
+
+
+def _client_state(cfg: ConfigRecord, state_file: Path | None, n: int, batch_size: int, steps: int) -> PrivacyState:
+    """The device's own file, else the state the server sent, else a new one (calibrated if asked)."""
+    if state_file is not None and state_file.is_file():
+        try:
+            return PrivacyState.from_json(state_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{state_file}: {e}") from None
+    sent = {k[len(STATE_PREFIX):]: v for k, v in cfg.items() if k.startswith(STATE_PREFIX)}
+    if sent:
+        return PrivacyState.from_dict(sent)
+    return new_privacy_state(
+        num_examples=n, batch_size=batch_size, max_grad_norm=float(cfg["dp-max-grad-norm"]),
+        delta=float(cfg["dp-delta"]), noise_multiplier=float(cfg["dp-noise-multiplier"]) or None,
+        target_epsilon=float(cfg["dp-target-epsilon"]) or None, expected_rounds=int(cfg["dp-planned-rounds"]),
+        steps=steps,
+    )
+
+
+def record_dp_train(model: SentimentRNN, data: Encoded, local: LocalTrainConfig, names: list[str],
+                    cfg: ConfigRecord, node_config: Any) -> tuple[dict[str, np.ndarray], dict[str, float],
+                                                               dict[str, ConfigRecord]]:
+    """One round of DP-SGD in place of ``local_train``: (arrays, metrics, extra reply records).
+
+    Same step count as non-private training (``local.epochs`` expected passes, capped by
+    ``local.max_steps``). A client out of budget returns the weights it received, untrained.
+    """
+    state_file = device_state_file(node_config)
+    n, b = len(data), local.batch_size
+    steps = planned_steps(n, b, epochs=local.epochs)
+    steps = min(steps, local.max_steps) if local.max_steps else steps
+    state = _client_state(cfg, state_file, n, b, steps)
+    new, stats = train_dp(model, data, state, mode=str(cfg.get("train-mode", cfg["mode"])), batch_size=b,
+                          lr=local.lr, rng=np.random.default_rng(local.seed), steps=steps,
+                          proximal_mu=local.proximal_mu)
+    if state_file is not None:  # spent before the update leaves the device
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(state_file, new.to_dict())
+    trained = stats.status == TRAINED
+    next_round = replace(new, history=[*new.history, (new.noise_multiplier, stats.sample_rate, steps)])
+    exhausted = not trained or (new.target_epsilon is not None and epsilon(next_round) > new.target_epsilon)
+    metrics = {
+        "train-loss": stats.loss if trained else 0.0, "train-accuracy": stats.accuracy if trained else 0.0,
+        "train-seconds": stats.seconds, "steps": float(stats.steps), "samples": float(stats.examples),
+        "dp-epsilon": stats.epsilon, "dp-noise-multiplier": stats.noise_multiplier,
+        "dp-trained": float(trained), "dp-exhausted": float(exhausted),
+    }
+    return state_to_arrays(model.state_dict(), names), metrics, {REPLY_RECORD: ConfigRecord(new.to_dict())}
+
+
+# ---------------------------------------------------------------------------- server side
+class PrivacyLedger(RoundPlugin):
+    """Keeps every client's record-level accountant, drops untrained replies, reports epsilon per round."""
+
+    name = "privacy"
+
+    def __init__(self, cfg: PrivacySection) -> None:
+        self.cfg = cfg
+        self.states: dict[int, PrivacyState] = {}
+        self.eps: dict[int, float] = {}
+        self.exhausted: set[int] = set()
+
+    def setup(self, fed: Federation) -> None:
+        self.fed = fed
+        run = fed.cfg.run
+        self.planned_rounds = self.cfg.planned_rounds or math.ceil(run.rounds * run.clients_per_round / run.clients)
+
+    def candidates(self, rnd: int, clients: list[int]) -> list[int]:
+        return [c for c in clients if c not in self.exhausted]
+
+    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+        return {c: record_dp_config(self.cfg, self.planned_rounds, self.states.get(c)) for c in clients}
+
+    def _record(self, client: int, state: PrivacyState) -> float:
+        self.states[client] = state
+        self.eps[client] = epsilon(state)
+        return self.eps[client]
+
+    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+        kept: list[Message] = []
+        round_eps: dict[str, float] = {}
+        skipped = unaccounted = 0
+        for reply in replies:
+            client = self.fed.sent.get(reply.metadata.reply_to_message_id)
+            try:
+                if client is None:
+                    raise ValueError("reply to no training message sent this round")
+                if REPLY_RECORD not in reply.content.config_records:
+                    raise ValueError(f"no {REPLY_RECORD!r} record: the client did not run DP-SGD")
+                state = PrivacyState.from_dict(reply.content.config_records[REPLY_RECORD])
+                metrics = reply.content["metrics"]
+                trained, exhausted = bool(metrics["dp-trained"]), bool(metrics["dp-exhausted"])
+            except (KeyError, TypeError, ValueError) as e:
+                log(WARNING, "round %d: dropped an unaccounted reply of client %s: %s", rnd, client, e)
+                unaccounted += 1
+                continue
+            round_eps[str(client)] = self._record(client, state)
+            if exhausted:
+                self.exhausted.add(client)
+            if trained:
+                kept.append(reply)
+            else:
+                skipped += 1
+        return kept, self.metrics(round_eps) | {"dp_record_skipped": skipped, "dp_record_unaccounted": unaccounted}
+
+    def metrics(self, round_eps: dict[str, float]) -> dict[str, Any]:
+        """Epsilon of this round's clients and its distribution over every client that has taken part."""
+        eps = list(self.eps.values())
+        return {
+            "dp_record_epsilon": round_eps,
+            "dp_record_epsilon_max": max(eps) if eps else 0.0,
+            "dp_record_epsilon_mean": float(np.mean(eps)) if eps else 0.0,
+            **{f"dp_record_epsilon_p{q}": percentile(eps, q) if eps else 0.0 for q in (10, 50, 90)},
+            "dp_record_participants": len(eps),
+            "dp_record_exhausted": len(self.exhausted),
+            "dp_record_noise_multiplier_mean": float(np.mean([s.noise_multiplier for s in self.states.values()]))
+            if self.states else 0.0,
+            "dp_record_budget": self.cfg.target_epsilon or None,
+        }
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"states": {str(c): s.to_dict() for c, s in self.states.items()},
+                "exhausted": sorted(self.exhausted)}, {}
+
+    def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        for c, d in state.get("states", {}).items():
+            self._record(int(c), PrivacyState.from_dict(d))
+        self.exhausted = {int(c) for c in state.get("exhausted", [])}
+
+
+def privacy_plugins(cfg: RunConfig) -> list[RoundPlugin]:
+    """The ``[privacy]`` section's round plugins (record-level ledger, client-level accounting)."""
+    plugins: list[RoundPlugin] = []
+    if cfg.privacy.record_level:
+        plugins.append(PrivacyLedger(cfg.privacy))
+    if cfg.privacy.client_level != "off":
+        plugins.append(ClientLevelLedger())
+    return plugins
