@@ -39,8 +39,12 @@ def main() -> None:
         "history": m["history"],
         "targets": {"imdb_test_accuracy": 0.89, "wall_seconds": 900},
         "meets_targets": m["imdb_test_accuracy"] >= 0.89 and wall <= 900,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "command": "FEDRNN_DATA_DIR=../shared/data python benchmarks/bench_pretrain.py",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -67,16 +67,22 @@ def simulate(out: Path, *args: str) -> dict:
     m = run_measured([sys.executable, "-m", "fedrnn.simulate", "--out", str(out), *args])
     summary = json.loads((out / "summary.json").read_text())
     m.pop("log_tail")
-    return {**m, "efficiency_loop": summary["simulation_efficiency"],
-            "efficiency_total": summary["client_train_seconds"] / m["wall_seconds"],
-            "client_train_seconds": summary["client_train_seconds"],
-            "target_accuracy": summary["final"].get("target_accuracy")}
+    return {
+        **m,
+        "efficiency_loop": summary["simulation_efficiency"],
+        "efficiency_total": summary["client_train_seconds"] / m["wall_seconds"],
+        "client_train_seconds": summary["client_train_seconds"],
+        "target_accuracy": summary["final"].get("target_accuracy"),
+    }
 
 
 def part_default(tmp: Path) -> dict:
     r = simulate(tmp / "default", "--clients", "100")
-    return {**r, "command": "python -m fedrnn.simulate --clients 100",
-            "targets": {"wall_seconds": 180, "efficiency": 0.8}}
+    return {
+        **r,
+        "command": "python -m fedrnn.simulate --clients 100",
+        "targets": {"wall_seconds": 180, "efficiency": 0.8},
+    }
 
 
 PLAIN = """
@@ -89,19 +95,38 @@ print("RESULT", json.dumps(run_plain(cfg, rounds, per_round, clients)))
 
 def part_plain(tmp: Path, rounds: int = 5) -> dict:
     fed_out = tmp / "fedrnn-plain-cmp"
-    fed = simulate(fed_out, "--clients", "100", "--rounds", str(rounds), "--config",
-                   str(ROOT / "benchmarks" / "plain_compare.toml"))
-    prepared = {"teacher-path": str((ROOT / "cache" / "teacher").resolve()),
-                "target-path": _target_path(fed_out), "partitions-path": str(fed_out / "partitions.npz"),
-                "mode": "fine-tune", "lr": 1e-3, "local-epochs": 2, "batch-size": 16, "holdout-fraction": 0.2,
-                "seed": 0}
+    fed = simulate(
+        fed_out,
+        "--clients",
+        "100",
+        "--rounds",
+        str(rounds),
+        "--config",
+        str(ROOT / "benchmarks" / "plain_compare.toml"),
+    )
+    prepared = {
+        "teacher-path": str((ROOT / "cache" / "teacher").resolve()),
+        "target-path": _target_path(fed_out),
+        "partitions-path": str(fed_out / "partitions.npz"),
+        "mode": "fine-tune",
+        "lr": 1e-3,
+        "local-epochs": 2,
+        "batch-size": 16,
+        "holdout-fraction": 0.2,
+        "seed": 0,
+    }
     m = run_measured([sys.executable, "-c", PLAIN, json.dumps(prepared), str(rounds), "10", "100"])
     line = next(ln for ln in m["log_tail"].splitlines() if ln.startswith("RESULT"))
-    plain = json.loads(line[len("RESULT "):])
-    return {"rounds": rounds, "fedrnn_wall_seconds": fed["wall_seconds"], "plain_wall_seconds": m["wall_seconds"],
-            "fedrnn_client_train_seconds": fed["client_train_seconds"],
-            "plain_client_train_seconds": plain["client_train_seconds"],
-            "speedup": m["wall_seconds"] / fed["wall_seconds"], "target_speedup": 2.0}
+    plain = json.loads(line[len("RESULT ") :])
+    return {
+        "rounds": rounds,
+        "fedrnn_wall_seconds": fed["wall_seconds"],
+        "plain_wall_seconds": m["wall_seconds"],
+        "fedrnn_client_train_seconds": fed["client_train_seconds"],
+        "plain_client_train_seconds": plain["client_train_seconds"],
+        "speedup": m["wall_seconds"] / fed["wall_seconds"],
+        "target_speedup": 2.0,
+    }
 
 
 def _target_path(run: Path) -> str:
@@ -113,9 +138,13 @@ def part_scale(tmp: Path) -> dict:
     cfg = str(ROOT / "benchmarks" / "scale.toml")
     small = simulate(tmp / "scale-100", "--config", cfg, "--clients", "100")
     large = simulate(tmp / "scale-10000", "--config", cfg, "--clients", "10000")
-    return {"clients_100": small, "clients_10000": large,
-            "time_ratio": large["wall_seconds"] / small["wall_seconds"],
-            "memory_ratio": large["peak_rss_mb"] / small["peak_rss_mb"], "target_ratio": 1.2}
+    return {
+        "clients_100": small,
+        "clients_10000": large,
+        "time_ratio": large["wall_seconds"] / small["wall_seconds"],
+        "memory_ratio": large["peak_rss_mb"] / small["peak_rss_mb"],
+        "target_ratio": 1.2,
+    }
 
 
 def main() -> None:
@@ -127,8 +156,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in parts.items():
             if a.part in (name, "all"):
-                results[name] = fn(Path(tmp)) | {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                 "load_average_before": os.getloadavg()}
+                results[name] = fn(Path(tmp)) | {
+                    "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "load_average_before": os.getloadavg(),
+                }
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(results, indent=2) + "\n")
                 print(name, json.dumps(results[name], indent=2))

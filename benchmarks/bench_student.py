@@ -19,7 +19,13 @@ Measured, with the goals of issue 6:
   twice, interleaved, keeping the faster median (the machine may be shared); goal >= 3x;
 * **accuracy** on the fixed Amazon test split (1,600 reviews, ``fedrnn.data.amazon_split``):
   teacher in torch against the int8 student through ``fedrnn.predict.Predictor`` (the
-  deployed path, raw text in); goal: student within 1.5 points.
+  deployed path, raw text in); goal: student within 1.5 points;
+* **downlink**: bytes of one broadcast to one client as the federation counts them
+  (``fedrnn.wire.record_nbytes``: array data plus each array's .npy header): the fp32 teacher
+  (full model, as FedAvg over the whole model sends it; and only the ``--mode`` trainable
+  tensors, as fedrnn's fine-tuning sends them) against the int8 student that
+  ``fedrnn.distill_plugin`` ships (every tensor, embedding included) and the int8 trainable
+  tensors (``compression.downlink = "int8"``); goal: >= 4x fewer than fp32 FedAvg.
 
 Results go to ``benchmarks/results/student.json``.
 """
@@ -45,12 +51,14 @@ from fedrnn.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
 from fedrnn.data import amazon_split, load_amazon, load_imdb
 from fedrnn.distill import agreement, distill, make_student
 from fedrnn.export import export_student, resolve_checkpoint
-from fedrnn.models import num_parameters
+from fedrnn.models import TRANSFER_MODES, SentimentRNN, num_parameters, trainable_names
 from fedrnn.predict import FLOAT_MODEL, INT8_MODEL, Predictor
+from fedrnn.quantize import encode as int8_encode
 from fedrnn.tokenizer import Encoded, encode
 from fedrnn.training import evaluate
+from fedrnn.wire import record_nbytes, to_record
 
-GOALS = {"size_ratio_min": 10.0, "latency_ratio_min": 3.0, "accuracy_gap_max_points": 1.5}
+GOALS = {"size_ratio_min": 10.0, "latency_ratio_min": 3.0, "accuracy_gap_max_points": 1.5, "downlink_ratio_min": 4.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-reviews", type=int, default=200, help="Amazon test reviews timed one by one")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency runs (both models)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=TRANSFER_MODES, default="fine-tune", help="transfer mode of the fp32 FedAvg run")
     p.add_argument("--out", default="benchmarks/results/student.json")
     return p.parse_args(argv)
 
@@ -126,6 +135,23 @@ def latency(teacher: torch.nn.Module, student: Predictor, data: Encoded, texts: 
     return out
 
 
+def downlink(teacher: SentimentRNN, student: SentimentRNN, mode: str) -> dict[str, Any]:
+    """Bytes of one broadcast to one client, counted like the federation counts ``bytes_down``."""
+    full = {k: v.numpy() for k, v in teacher.state_dict().items()}
+    trainable = {n: full[n] for n in trainable_names(teacher, mode)}
+    out: dict[str, Any] = {
+        "teacher_full_fp32": record_nbytes(to_record(full)),
+        f"teacher_{mode}_fp32": record_nbytes(to_record(trainable)),
+        f"teacher_{mode}_int8": record_nbytes(to_record(int8_encode(trainable))),
+        "student_int8": record_nbytes(to_record(int8_encode({k: v.numpy() for k, v in student.state_dict().items()}))),
+        "mode": mode,
+    }
+    out["ratio_full_fp32_over_student_int8"] = out["teacher_full_fp32"] / out["student_int8"]
+    out[f"ratio_{mode}_fp32_over_student_int8"] = out[f"teacher_{mode}_fp32"] / out["student_int8"]
+    out[f"ratio_{mode}_fp32_over_int8"] = out[f"teacher_{mode}_fp32"] / out[f"teacher_{mode}_int8"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     t_start = time.perf_counter()
@@ -163,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "student_parameters": num_parameters(student_torch),
     }
     sizes["ratio"] = sizes["teacher_fp32_weights_file_bytes"] / sizes["student_int8_onnx_bytes"]
+    down = downlink(teacher, student_torch, a.mode)
 
     pick = np.random.default_rng(a.seed).permutation(len(test))[: a.latency_reviews]
     lat = latency(teacher, int8, enc.subset(pick), [test.texts[i] for i in pick], a.threads)
@@ -174,12 +201,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher": {"dir": str(a.teacher), "model": teacher.cfg.to_dict()},
         "student": {"dir": str(student_dir), "export": str(a.export_out), "model": student_torch.cfg.to_dict(),
                     "distill": distill_info, "export_parity": export_cfg["parity"]},
-        "sizes": sizes, "latency": lat, "accuracy": accuracy,
+        "sizes": sizes, "latency": lat, "accuracy": accuracy, "downlink": down,
         "goals": {
             **GOALS,
             "size_met": sizes["ratio"] >= GOALS["size_ratio_min"],
             "latency_met": lat["ratio_teacher_over_student"] >= GOALS["latency_ratio_min"],
             "accuracy_met": accuracy["gap_points"] <= GOALS["accuracy_gap_max_points"],
+            "downlink_met": down["ratio_full_fp32_over_student_int8"] >= GOALS["downlink_ratio_min"],
         },
         "seconds": time.perf_counter() - t_start,
     }
@@ -190,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{sizes['student_int8_onnx_bytes']:,} B); batch-1 latency {lat['teacher_torch_fp32']['median_ms']:.2f} -> "
           f"{lat['student_onnx_int8']['median_ms']:.2f} ms ({lat['ratio_teacher_over_student']:.1f}x); Amazon accuracy "
           f"teacher {accuracy['teacher_torch_fp32']:.4f}, int8 student {accuracy['student_onnx_int8']:.4f} "
-          f"(gap {accuracy['gap_points']:.2f} points); goals {result['goals']}; wrote {out}")
+          f"(gap {accuracy['gap_points']:.2f} points); downlink {down['teacher_full_fp32']:,} -> "
+          f"{down['student_int8']:,} B ({down['ratio_full_fp32_over_student_int8']:.1f}x); goals {result['goals']}; "
+          f"wrote {out}")
     return result
 
 

@@ -37,8 +37,15 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     shard = load_partitions(str(cfg["partitions-path"]))[pid]
     train_idx, _ = split_holdout(shard, float(cfg["holdout-fraction"]), int(cfg["seed"]), pid)
-    local = LocalTrainConfig(lr=float(cfg["lr"]), epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-                             max_steps=0, proximal_mu=0.0, clip_norm=1.0, seed=pid)
+    local = LocalTrainConfig(
+        lr=float(cfg["lr"]),
+        epochs=int(cfg["local-epochs"]),
+        batch_size=int(cfg["batch-size"]),
+        max_steps=0,
+        proximal_mu=0.0,
+        clip_norm=1.0,
+        seed=pid,
+    )
     t0 = time.perf_counter()
     local_train(model, pool.subset(train_idx), local, [])
     seconds = time.perf_counter() - t0
@@ -52,11 +59,20 @@ def make_server_app(config: dict, rounds: int, per_round: int, clients: int, out
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         model, _, _ = load_checkpoint(config["teacher-path"])
-        strategy = FedAvg(fraction_train=per_round / clients, fraction_evaluate=0.0, min_train_nodes=per_round,
-                          min_available_nodes=clients, train_metrics_aggr_fn=_sum_seconds)
+        strategy = FedAvg(
+            fraction_train=per_round / clients,
+            fraction_evaluate=0.0,
+            min_train_nodes=per_round,
+            min_available_nodes=clients,
+            train_metrics_aggr_fn=_sum_seconds,
+        )
         t0 = time.perf_counter()
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
-                                train_config=ConfigRecord(config))
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=rounds,
+            train_config=ConfigRecord(config),
+        )
         out["wall_seconds"] = time.perf_counter() - t0
         out["client_train_seconds"] = float(sum(m["train-seconds"] for m in result.train_metrics_clientapp.values()))
 
@@ -72,6 +88,9 @@ def run_plain(config: dict, rounds: int, per_round: int, clients: int) -> dict:
     from flwr.simulation import run_simulation
 
     out: dict = {}
-    run_simulation(server_app=make_server_app(config, rounds, per_round, clients, out), client_app=client_app,
-                   num_supernodes=clients)
+    run_simulation(
+        server_app=make_server_app(config, rounds, per_round, clients, out),
+        client_app=client_app,
+        num_supernodes=clients,
+    )
     return out

@@ -23,7 +23,7 @@ from fedrnn.task import LocalTrainConfig, build_model, device_data, load_base, l
 from fedrnn.tokenizer import Encoded
 from fedrnn.wire import state_to_arrays, to_record
 
-app = ClientApp(mods=[deadline_mod])  # a job past the server's round timeout is aborted, freeing its worker
+app = ClientApp(mods=[deadline_mod])  # a job past its deadline-s is aborted, freeing its worker
 
 
 def _client_data(cfg: ConfigRecord, context: Context) -> tuple[Encoded, Encoded, str]:

@@ -17,7 +17,7 @@ CA=${CA:-$FEDRNN_HOME/ca.crt}
 KEY=${KEY:-$FEDRNN_HOME/node_key}
 NODE_CONFIG=${NODE_CONFIG:-$FEDRNN_HOME/node.toml}
 RUNTIME_PORT=${RUNTIME_PORT:-9094}
-: "${SUPERLINK:?set SUPERLINK=host:port of the fleet's SuperLink}"
+: "${SUPERLINK:?set SUPERLINK to the host:port of the SuperLink}"
 
 for f in "$CA" "$KEY" "$NODE_CONFIG"; do
     if [[ ! -f "$f" ]]; then

@@ -27,7 +27,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, truncated or does not match its config."""
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], meta: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], meta: dict[str, str] | None = None
+) -> None:
     """Write tensors atomically (temp file + rename), so a kill never leaves half a file."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
@@ -58,8 +60,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{p}: file does not exist")
     try:
         return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, [[[[... nested too deep
+        raise CheckpointError(f"{p}: not valid JSON ({type(e).__name__}: {e})") from e
 
 
 def save_checkpoint(
@@ -79,15 +81,21 @@ def save_checkpoint(
     return d
 
 
-def load_model_weights(model: SentimentRNN, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Load a full state dict, naming every missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
+def check_weights(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Name every missing, unexpected, mis-shaped, mis-typed or non-finite tensor."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
-    shapes = [f"{k}: {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or extra or shapes:
-        raise CheckpointError(f"{where}: weights do not match the model config (missing {missing}, unexpected {extra}, shape {shapes})")
-    model.load_state_dict(tensors)
+    common = [(k, tensors[k], v) for k, v in expected.items() if k in tensors]
+    shapes = [f"{k}: {tuple(t.shape)} != {tuple(v.shape)}" for k, t, v in common if t.shape != v.shape]
+    dtypes = [f"{k}: {t.dtype} != {v.dtype}" for k, t, v in common if t.dtype != v.dtype]
+    if missing or extra or shapes or dtypes:
+        raise CheckpointError(
+            f"{where}: weights do not match the model config (missing {missing}, unexpected {extra}, "
+            f"shape {shapes}, dtype {dtypes})"
+        )
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where}: tensors {bad} contain NaN or infinite values")
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[SentimentRNN, Tokenizer, dict[str, Any]]:
@@ -97,19 +105,31 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[SentimentRNN, To
         raise CheckpointError(f"checkpoint directory {d} does not exist")
     cfg = read_json(d / CONFIG)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{d / CONFIG}: not a {FORMAT} config (format={cfg.get('format') if isinstance(cfg, dict) else cfg!r})")
+        raise CheckpointError(
+            f"{d / CONFIG}: not a {FORMAT} config (format={cfg.get('format') if isinstance(cfg, dict) else cfg!r})"
+        )
     try:
         model_cfg = ModelConfig.from_dict(cfg["model"])
-        max_len = int(cfg["max_len"])
+        max_len = cfg["max_len"]
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{d / CONFIG}: bad model config ({e})") from e
+        raise CheckpointError(f"{d / CONFIG}: bad model config ({type(e).__name__}: {e})") from e
+    tensors = load_tensors(d / WEIGHTS)
+    # Shapes come from a model on the meta device (no memory): a config claiming a vocabulary of 10^12
+    # is refused here instead of allocating terabytes.
+    with torch.device("meta"):
+        skeleton = SentimentRNN(model_cfg).state_dict()
+    check_weights(skeleton, tensors, str(d / WEIGHTS))
     model = SentimentRNN(model_cfg)
-    load_model_weights(model, load_tensors(d / WEIGHTS), str(d / WEIGHTS))
+    model.load_state_dict(tensors)
     try:
         tok = load_tokenizer(d / TOKENIZER)
     except TokenizerError as e:
         raise CheckpointError(str(e)) from e
     if tok.get_vocab_size() > model_cfg.vocab_size:
-        raise CheckpointError(f"{d / TOKENIZER}: vocabulary {tok.get_vocab_size()} exceeds model vocab_size {model_cfg.vocab_size}")
+        raise CheckpointError(
+            f"{d / TOKENIZER}: vocabulary {tok.get_vocab_size()} exceeds model vocab_size {model_cfg.vocab_size}"
+        )
     cfg["max_len"] = max_len
     return model.eval(), tok, cfg

@@ -33,6 +33,7 @@ do not know the run's seed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -97,6 +98,18 @@ def _seeded_numpy(seed: int, rnd: int) -> Iterator[None]:
         np.random.set_state(saved)
 
 
+class _AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower 1.42's server-side adaptive clipping with the clip-norm update's sign corrected.
+
+    Flower multiplies the norm by ``exp(-lr (clipped_fraction - target))``: when more updates
+    are clipped than the target, the norm *shrinks*, so more get clipped, and it runs off to 0
+    (or to infinity from the other side). Andrew et al. (2021) move it the other way.
+    """
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+
 class ClientLevelDP(Strategy):
     """Flower's server-side clipping wrapper around a FedAvg/FedProx, with its releases accounted.
 
@@ -118,7 +131,7 @@ class ClientLevelDP(Strategy):
                 inner, self.noise_multiplier, p.clipping_norm, run.clients_per_round)
         else:
             try:
-                self.dp = DifferentialPrivacyServerSideAdaptiveClipping(
+                self.dp = _AdaptiveClipping(
                     inner, self.noise_multiplier, run.clients_per_round, initial_clipping_norm=p.clipping_norm,
                     target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
                     clipped_count_stddev=p.clipped_count_stddev or None)

@@ -79,7 +79,7 @@ class ResidualStore:
         saved = self._read()
         if not saved:
             return {}
-        last = int(saved["round"])
+        last = int(saved["round"][0])
         if last > rnd:
             where = self.path or f"Context.state[{STATE_KEY!r}]"
             raise ValueError(f"{where}: residuals were written in round {last}, after the current round {rnd}")
@@ -87,7 +87,7 @@ class ResidualStore:
         return {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
 
     def save(self, rnd: int, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> None:
-        arrays = {"round": np.array(rnd, dtype=np.int64)}
+        arrays = {"round": np.array([rnd], dtype=np.int64)}
         arrays |= {f"before/{k}": v for k, v in before.items()} | {f"after/{k}": v for k, v in after.items()}
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import tomllib
 import types
 import typing
@@ -32,9 +33,16 @@ class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the key or file."""
 
 
+def _show(value: Any) -> str:
+    """A bounded repr for error messages (``repr`` of a 5,000-digit integer itself raises)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    return reprlib.repr(value)
+
+
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
     if not cond:
-        raise ConfigError(f"{key} {msg}, got {value!r}")
+        raise ConfigError(f"{key} {msg}, got {_show(value)}")
 
 
 @dataclass
@@ -78,6 +86,7 @@ class ClientSection:
     proximal_mu: float = 0.01  # FedProx only
     clip_norm: float = 1.0
     holdout_fraction: float = 0.2  # of each shard, for federated evaluation
+    deadline_s: float = 0.0  # a client job running longer is aborted, freeing its worker; 0 = server.timeout_s
 
     def validate(self) -> None:
         _check(self.local_epochs >= 1, "client.local_epochs", "must be >= 1", self.local_epochs)
@@ -87,6 +96,7 @@ class ClientSection:
         _check(self.proximal_mu >= 0, "client.proximal_mu", "must be >= 0", self.proximal_mu)
         _check(self.clip_norm > 0, "client.clip_norm", "must be > 0", self.clip_norm)
         _check(0 < self.holdout_fraction < 1, "client.holdout_fraction", "must be in (0, 1)", self.holdout_fraction)
+        _check(self.deadline_s >= 0, "client.deadline_s", "must be >= 0 (0 = server.timeout_s)", self.deadline_s)
 
 
 @dataclass
@@ -130,9 +140,11 @@ class DevicesSection:
     mix: dict[str, float] = field(default_factory=dict)  # profile -> fraction, e.g. {rpi4 = 0.5, rpi5 = 0.5}
     trace: str = ""  # CSV/JSON trace file instead of a mix
     network: str = ""  # "" = each profile's own; wifi | 4g | 3g
+    network_mix: dict[str, float] = field(default_factory=dict)  # instead of network: e.g. {"4g" = 0.7, "3g" = 0.3}
     availability: str = ""  # "" = each profile's own; always | diurnal | churn
     policy: str = "wait"  # drop | partial | wait
     deadline_s: float = 0.0  # needed by drop and partial
+    start_hour: float = 0.0  # UTC hour of day 0 at which the simulated clock starts (diurnal devices care)
     host_samples_per_s: float = 0.0  # 0 = measure this host once at the start of the run
     min_batch_size: int = 4
     per_class_eval: bool = True  # global model accuracy on each device class's held-out data
@@ -151,6 +163,15 @@ class DevicesSection:
             _check(abs(sum(self.mix.values()) - 1) < 1e-6, "devices.mix", "fractions must sum to 1", self.mix)
         _check(self.network in ("", *NETWORKS), "devices.network", f"must be \"\" or one of {sorted(NETWORKS)}",
                self.network)
+        _check(not (self.network and self.network_mix), "devices.network/devices.network_mix", "needs at most one",
+               (self.network, self.network_mix))
+        for name, frac in self.network_mix.items():
+            _check(name in NETWORKS and frac >= 0, f"devices.network_mix.{name}",
+                   f"must be a network in {sorted(NETWORKS)} with a fraction >= 0", frac)
+        if self.network_mix:
+            _check(abs(sum(self.network_mix.values()) - 1) < 1e-6, "devices.network_mix", "fractions must sum to 1",
+                   self.network_mix)
+        _check(0 <= self.start_hour < 24, "devices.start_hour", "must be in [0, 24)", self.start_hour)
         _check(self.availability in ("", *AVAILABILITY_KINDS), "devices.availability",
                f"must be \"\" or one of {AVAILABILITY_KINDS}", self.availability)
         if self.trace:
@@ -288,7 +309,7 @@ class PrivacySection:
     clipping_norm: float = 0.1  # L2 clip of a client's update (adaptive: the initial one)
     clients_noise_multiplier: float = 0.0  # 0 = calibrate it from clients_target_epsilon over run.rounds
     clients_target_epsilon: float = 0.0  # client-level budget at delta; 0 = none (account only)
-    target_clipped_quantile: float = 0.5  # adaptive only
+    target_clipped_quantile: float = 0.5  # adaptive only: the fraction of updates the norm aims to clip
     clip_norm_lr: float = 0.2  # adaptive only
     clipped_count_stddev: float = 0.0  # adaptive only; 0 = Flower's default (clients per round / 20)
 
@@ -367,6 +388,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
     elif hint is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        _check(not isinstance(value, int) or abs(value) <= 2**1000, key, "must be finite", value)  # float() overflows
         value = float(value)
         _check(math.isfinite(value), key, "must be finite", value)
     elif hint is str:
@@ -391,7 +413,7 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
         if section not in sections:
             raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(sorted(sections))}")
         if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table of key = value pairs, got {values!r}")
+            raise ConfigError(f"[{section}] must be a table of key = value pairs, got {_show(values)}")
         _apply(getattr(cfg, section), section, values)
     return cfg.validate()
 

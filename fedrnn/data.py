@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import html
 import json
+import math
 import os
 import re
 import tarfile
@@ -89,7 +90,9 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     chosen = data_dir or os.environ.get(DATA_DIR_ENV) or "data"
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        how = "--data-dir" if data_dir else (f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the default ./data")
+        how = (
+            "--data-dir" if data_dir else (f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the default ./data")
+        )
         raise DataError(
             f"data directory {path} (from {how}) does not exist; point --data-dir or "
             f"${DATA_DIR_ENV} at a folder holding imdb/ and amazon_multidomain/ (prepared JSON Lines) or "
@@ -102,21 +105,38 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
 # ---------------------------------------------------------------- JSON Lines
 
 
+def _json_record(line: str, path: Path, lineno: int) -> dict:
+    """One JSON Lines record; anything but a JSON object is a DataError naming the file and line."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError) as e:  # bad JSON, a 5,000-digit number, [[[[... nested too deep
+        raise DataError(f"{path}: line {lineno} is not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}: line {lineno} is not a JSON object")
+    return rec
+
+
+def _rating(value: object, path: Path, n: int) -> int:
+    """A record's optional star rating (0 = unknown); ratings parsed from XML arrive as text like "4.0"."""
+    if value is None or value == "":
+        return 0
+    try:
+        r = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        r = math.nan
+    if isinstance(value, bool) or not 0 <= r <= 10:
+        raise DataError(f"{path}: record {n} has rating {value!r}; expected a number in [0, 10]")
+    return int(r)
+
+
 def read_jsonl_gz(path: Path) -> list[dict]:
     """Read a gzipped JSON Lines file; a truncated or corrupt file is a DataError naming it."""
     records: list[dict] = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from e
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}: line {lineno} is not a JSON object")
-                records.append(rec)
+                if line.strip():
+                    records.append(_json_record(line, path, lineno))
     except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as e:
         raise DataError(f"{path}: truncated or corrupt gzip file ({e}); re-copy or re-download it") from e
     return records
@@ -137,8 +157,7 @@ def _labelled_from_records(records: list[dict], path: Path, group_key: str, labe
         texts.append(clean_text(text))
         labels.append(label)
         groups.append(str(rec.get(group_key, "")))
-        rating = rec.get("rating", 0)
-        ratings.append(int(rating) if isinstance(rating, (int, float)) else 0)
+        ratings.append(_rating(rec.get("rating"), path, n))
     return Reviews(
         texts=texts,
         labels=np.asarray(labels, dtype=np.int64),
@@ -162,13 +181,11 @@ def load_review_file(path: str | os.PathLike[str]) -> Reviews:
     if name.endswith(".jsonl.gz"):
         return _labelled_from_records(read_jsonl_gz(p), p, "group")
     if name.endswith(".jsonl"):
-        recs = []
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}: line {lineno} is not valid JSON ({e.msg})") from e
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text ({e})") from e
+        recs = [_json_record(line, p, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
         return _labelled_from_records(recs, p, "group")
     if name.endswith(".review"):
         if name not in ("positive.review", "negative.review"):
@@ -179,16 +196,19 @@ def load_review_file(path: str | os.PathLike[str]) -> Reviews:
     if name.endswith((".csv", ".tsv")):
         import csv
 
-        with p.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-            if not reader.fieldnames or not {"label", "text"} <= set(reader.fieldnames):
-                raise DataError(f"{p}: needs a header with columns 'label' and 'text'")
-            recs = []
-            for n, row in enumerate(reader, start=2):
-                try:
-                    recs.append({"text": row["text"], "label": int(row["label"])})
-                except (TypeError, ValueError) as e:
-                    raise DataError(f"{p}: line {n} has label {row.get('label')!r}; expected 0 or 1") from e
+        try:
+            with p.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
+                if not reader.fieldnames or not {"label", "text"} <= set(reader.fieldnames):
+                    raise DataError(f"{p}: needs a header with columns 'label' and 'text'")
+                recs = []
+                for n, row in enumerate(reader, start=2):
+                    try:
+                        recs.append({"text": row["text"], "label": int(row["label"])})
+                    except (TypeError, ValueError) as e:
+                        raise DataError(f"{p}: line {n} has label {row.get('label')!r}; expected 0 or 1") from e
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{p}: not a readable UTF-8 CSV/TSV file ({type(e).__name__}: {e})") from e
         return _labelled_from_records(recs, p, "group")
     raise DataError(f"{p}: unknown review file format; use .jsonl.gz, .jsonl, .review, .csv or .tsv")
 
@@ -255,7 +275,7 @@ class _TarSource:
     def files(self, prefix: str) -> Iterator[tuple[str, bytes]]:
         pre = prefix.rstrip("/") + "/"
         for name in sorted(self.members):
-            if name.startswith(pre) and "/" not in name[len(pre):]:
+            if name.startswith(pre) and "/" not in name[len(pre) :]:
                 yield name, self.members[name]
 
     def read(self, name: str) -> bytes | None:
@@ -330,14 +350,13 @@ def parse_review_xml(text: str) -> list[dict]:
     """Parse the pseudo-XML ``.review`` format of ``sorted_data_acl`` into records."""
     out = []
     for block in _REVIEW_BLOCK.findall(text):
-        rating = _tag(block, "rating")
         out.append(
             {
                 "text": _tag(block, "review_text"),
                 "title": _tag(block, "title"),
                 "asin": _tag(block, "asin"),
                 "unique_id": _tag(block, "unique_id"),
-                "rating": int(float(rating)) if rating else 0,
+                "rating": _tag(block, "rating"),  # text; checked where records become Reviews
             }
         )
     return out
@@ -384,7 +403,9 @@ def _amazon_from_release(src: _DirSource | _TarSource, where: Path) -> Reviews:
     return _labelled_from_records(recs, where, "group")
 
 
-def amazon_split(reviews: Reviews, test_fraction: float = 0.2, seed: int = AMAZON_SPLIT_SEED) -> tuple[Reviews, Reviews]:
+def amazon_split(
+    reviews: Reviews, test_fraction: float = 0.2, seed: int = AMAZON_SPLIT_SEED
+) -> tuple[Reviews, Reviews]:
     """The fixed, seeded 80/20 split inside each category and label (1,600 / 400 per category)."""
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []

@@ -1,12 +1,14 @@
-"""A client-side deadline: a ClientApp job that outlives the server's patience is aborted.
+"""A client-side deadline: a ClientApp job that runs too long is aborted.
 
 The server stops waiting for a round after ``server.timeout_s`` and goes on with the replies
 it has. A client still busy after that (stuck in I/O, an endless loop, a far too slow
 device) would keep its worker — on the Simulation Engine a Ray actor, in deployment the
 SuperNode's ClientApp process — forever, starving later rounds and, in simulation, keeping
 the run from ever shutting down. This Flower mod arms ``SIGALRM`` for the message's
-``timeout-s`` and raises ``ClientDeadlineExceeded`` when it fires, so the job ends as an
-error reply and the worker is free again.
+``deadline-s`` (``client.deadline_s``, by default ``server.timeout_s``) and raises
+``ClientDeadlineExceeded`` when it fires, so the job ends as an error reply and the worker
+is free again. A deadline shorter than the server's timeout also ends the round early: the
+server gets the error reply instead of waiting for one that will never come.
 
 Signals only reach the main thread; where the ClientApp runs elsewhere the mod does nothing
 (Ray actors and Flower's ClientApp processes run jobs on their main thread).
@@ -27,13 +29,13 @@ class ClientDeadlineExceeded(TimeoutError):
 
 
 def deadline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Run ``call_next`` under an alarm of ``timeout-s`` seconds (from the message config)."""
-    seconds = float(msg.content["config"].get("timeout-s", 0)) if "config" in msg.content else 0.0
+    """Run ``call_next`` under an alarm of ``deadline-s`` seconds (from the message config)."""
+    seconds = float(msg.content["config"].get("deadline-s", 0)) if "config" in msg.content else 0.0
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         return call_next(msg, context)
 
     def expire(signum: int, frame: FrameType | None) -> None:
-        raise ClientDeadlineExceeded(f"client job exceeded the server's round timeout of {seconds:g} s; aborted")
+        raise ClientDeadlineExceeded(f"client job exceeded its deadline of {seconds:g} s; aborted")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)

@@ -62,7 +62,8 @@ class DeviceSimulation(RoundPlugin):
 
     def __init__(self, cfg: DevicesSection) -> None:
         self.cfg = cfg
-        self.sim_time = 0.0  # seconds since 00:00 UTC of day 0
+        self.start = cfg.start_hour * HOUR
+        self.sim_time = self.start  # the clock: seconds since 00:00 UTC of day 0
         self.host_sps: dict[str, float] = {}  # "mode/batch" -> samples/s measured on this host, once per run
         self.idle_s = 0.0  # simulated seconds skipped this round because no device was online
         self.plan: RoundPlan | None = None
@@ -78,7 +79,8 @@ class DeviceSimulation(RoundPlugin):
                 raise ValueError(f"devices.trace {self.cfg.trace} has {len(self.fleet)} clients but "
                                  f"run.clients = {run.clients}")
         else:
-            self.fleet = Fleet.from_mix(run.clients, self.cfg.mix, seed=run.seed, networks=self.cfg.network or None,
+            self.fleet = Fleet.from_mix(run.clients, self.cfg.mix, seed=run.seed,
+                                        networks=self.cfg.network or self.cfg.network_mix or None,
                                         availability=self.cfg.availability or None)
         splits = [split_holdout(s, c.holdout_fraction, run.seed, i)
                   for i, s in enumerate(load_partitions(fed.prepared.partitions_path))]
@@ -178,7 +180,7 @@ class DeviceSimulation(RoundPlugin):
                                        "trained_steps": trained.get(cp.client_id)}
                    for cp in plan.clients}
         return replies, {
-            "sim_time_h": self.sim_time / HOUR,
+            "sim_time_h": (self.sim_time - self.start) / HOUR,  # simulated hours since the run started
             "round_sim_seconds": plan.duration_s,
             "idle_sim_seconds": self.idle_s,
             "stragglers": statuses["late"] + statuses["partial"],
@@ -206,5 +208,5 @@ class DeviceSimulation(RoundPlugin):
         return {"sim_time": self.sim_time, "host_sps": self.host_sps}, {}
 
     def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.sim_time = float(state.get("sim_time", 0.0))
+        self.sim_time = float(state.get("sim_time", self.start))
         self.host_sps = {k: float(v) for k, v in state.get("host_sps", {}).items()}

@@ -38,7 +38,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from fedrnn.checkpoint import CONFIG, TOKENIZER, CheckpointError, load_checkpoint, write_json
+from fedrnn.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint, write_json
 from fedrnn.models import SentimentRNN
 from fedrnn.predict import (
     EXPORT_CONFIG,
@@ -62,12 +62,17 @@ class ExportError(ValueError):
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory itself, or a run directory holding one in ``student/``."""
+    """A checkpoint directory itself, or a run directory holding one in ``student/``.
+
+    A checkpoint is recognised by its weights file: a run directory has a ``config.json`` too.
+    """
     p = Path(path)
     for cand in (p, p / STUDENT_SUBDIR):
-        if (cand / CONFIG).is_file():
+        if (cand / CONFIG).is_file() and (cand / WEIGHTS).is_file():
             return cand
-    raise ExportError(f"{p}: not a checkpoint or run dir (no {p / CONFIG} or {p / STUDENT_SUBDIR / CONFIG})")
+    raise ExportError(f"{p}: not a checkpoint or run dir (no {p / CONFIG} with {WEIGHTS}, no "
+                      f"{p / STUDENT_SUBDIR / CONFIG} with {WEIGHTS}); a run writes {STUDENT_SUBDIR}/ when "
+                      f"[distill] enabled = true")
 
 
 def export_onnx(model: SentimentRNN, path: Path) -> None:

@@ -213,7 +213,7 @@ class Federation:
             "server-round": rnd, "client-id": client, "seed": self.cfg.run.seed, "mode": self.cfg.run.mode,
             "lr": c.lr, "local-epochs": c.local_epochs, "batch-size": c.batch_size, "max-steps": c.max_steps,
             "clip-norm": c.clip_norm, "holdout-fraction": c.holdout_fraction,
-            "threads": self.cfg.simulation.threads_per_actor, "timeout-s": self.cfg.server.timeout_s,
+            "threads": self.cfg.simulation.threads_per_actor, "deadline-s": c.deadline_s or self.cfg.server.timeout_s,
             "teacher-path": self.prepared.teacher_dir, "target-path": self.prepared.target_path,
             "partitions-path": self.prepared.partitions_path,
         }
@@ -337,8 +337,8 @@ class Federation:
                 arrays = {k: v.astype(np.float32) for k, v in from_record(agg).items()}
         for plugin in self.plugins:
             row |= plugin.after_aggregate(rnd, grid, arrays)
-        row |= self._federated_evaluation(grid, rnd, arrays, rng, running)
         if rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds:
+            row |= self._federated_evaluation(grid, rnd, arrays, rng, running)
             row |= self.evaluator(self.global_model(arrays))
         row["round_seconds"] = time.perf_counter() - t0
         row["_arrays"] = arrays

@@ -37,7 +37,12 @@ def _allocate(weights: np.ndarray, total: int, minimum: int) -> np.ndarray:
 
 
 def _label_skewed_shards(
-    labels: np.ndarray, index: np.ndarray, n_clients: int, alpha: float, quantity_sigma: float, minimum: int,
+    labels: np.ndarray,
+    index: np.ndarray,
+    n_clients: int,
+    alpha: float,
+    quantity_sigma: float,
+    minimum: int,
     rng: np.random.Generator,
 ) -> list[np.ndarray]:
     """Split ``index`` (one category) over clients with Dirichlet label mixes and log-normal sizes."""

@@ -1,4 +1,4 @@
-"""PNG plots of a run's ``metrics.jsonl`` (accuracy and loss against round)."""
+"""PNG plots of a run's ``metrics.jsonl`` (accuracy and loss against round, or another x such as simulated hours)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,25 @@ def _series(rows: list[dict[str, Any]], key: str, x_key: str) -> tuple[list[floa
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(rows: list[dict[str, Any]], out_dir: str | Path, x_key: str = "round", x_label: str = "round") -> list[Path]:
+def plot_run(
+    rows: list[dict[str, Any]],
+    out_dir: str | Path,
+    x_key: str = "round",
+    x_label: str = "round",
+    suffix: str = "",
+    kinds: tuple[str, ...] = ("accuracy", "loss"),
+) -> list[Path]:
+    """``accuracy{suffix}.png`` and/or ``loss{suffix}.png`` against ``x_key`` (rows without it are skipped).
+
+    Device-fleet runs also get one accuracy line per device class (``class_accuracy/<class>``).
+    """
     out = Path(out_dir)
     written = []
-    for name, series, ylabel in (("accuracy", ACCURACY_SERIES, "accuracy"), ("loss", LOSS_SERIES, "cross-entropy")):
+    classes = sorted({k for r in rows for k in r if k.startswith("class_accuracy/")})
+    accuracy = ACCURACY_SERIES | {k: f"class {k.split('/', 1)[1]} users" for k in classes}
+    for name, series, ylabel in (("accuracy", accuracy, "accuracy"), ("loss", LOSS_SERIES, "cross-entropy")):
+        if name not in kinds:
+            continue
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for key, label in series.items():
             xs, ys = _series(rows, key, x_key)
@@ -38,7 +53,7 @@ def plot_run(rows: list[dict[str, Any]], out_dir: str | Path, x_key: str = "roun
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out / f"{name}.png"
+        path = out / f"{name}{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

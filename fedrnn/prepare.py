@@ -40,8 +40,14 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = N
     console = console or Console()
     teacher = ensure_teacher(cfg, console)
     _, tok, meta = load_checkpoint(teacher)
-    target = prepare_target(cfg.run.target, tok, int(meta["max_len"]), cfg.server.retention_examples,
-                            cache_dir() / "target", cfg.run.data_dir or None)
+    target = prepare_target(
+        cfg.run.target,
+        tok,
+        int(meta["max_len"]),
+        cfg.server.retention_examples,
+        cache_dir() / "target",
+        cfg.run.data_dir or None,
+    )
     rd = RunDir(run_dir)
     if not rd.partitions_path.is_file():
         data = load_target(str(target))
@@ -50,8 +56,9 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = N
         if cfg.run.data_fraction < 1:  # a seeded subsample of the pool; the rest is never given out
             rng = np.random.default_rng([cfg.run.seed, 4])
             keep = np.sort(rng.permutation(len(keep))[: int(round(cfg.run.data_fraction * len(keep)))])
-        pool = Reviews(texts=[""] * len(keep), labels=data.pool.labels[keep], groups=data.pool_groups[keep],
-                       source=str(target))
+        pool = Reviews(
+            texts=[""] * len(keep), labels=data.pool.labels[keep], groups=data.pool_groups[keep], source=str(target)
+        )
         if cfg.run.target == "amazon":
             shards = partition_amazon(pool, cfg.run.clients, cfg.run.alpha, cfg.run.seed, cfg.run.min_client_examples)
         else:

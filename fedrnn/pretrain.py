@@ -86,12 +86,24 @@ def pretrain(cfg: PretrainConfig, out: str | Path, data_dir: str | None = None, 
         for epoch in range(1, cfg.epochs + 1):
             progress.update(task, completed=0, epoch=epoch)
             stats = train_steps(
-                model, enc_train, optimizer, cfg.batch_size, rng, scheduler=scheduler,
+                model,
+                enc_train,
+                optimizer,
+                cfg.batch_size,
+                rng,
+                scheduler=scheduler,
                 on_step=lambda s, loss: progress.update(task, completed=s, loss=loss),
             )
             val_metrics = evaluate(model, enc_val)
-            history.append({"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                            "val_accuracy": val_metrics["accuracy"], "seconds": stats.seconds})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": stats.loss,
+                    "train_accuracy": stats.accuracy,
+                    "val_accuracy": val_metrics["accuracy"],
+                    "seconds": stats.seconds,
+                }
+            )
             progress.update(task, val=f"{val_metrics['accuracy']:.4f}")
             if val_metrics["accuracy"] > best_acc:
                 best_acc, best_state, stale = val_metrics["accuracy"], copy.deepcopy(model.state_dict()), 0
@@ -139,13 +151,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=d.seed)
     a = parser.parse_args(argv)
-    model = ModelConfig(vocab_size=a.vocab_size, embed_dim=a.embed_dim, hidden_size=a.hidden_size,
-                        num_layers=a.num_layers, bidirectional=a.bidirectional)
-    cfg = PretrainConfig(model=model, max_len=a.max_len, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                         train_limit=a.train_limit, seed=a.seed)
+    model = ModelConfig(
+        vocab_size=a.vocab_size,
+        embed_dim=a.embed_dim,
+        hidden_size=a.hidden_size,
+        num_layers=a.num_layers,
+        bidirectional=a.bidirectional,
+    )
+    cfg = PretrainConfig(
+        model=model,
+        max_len=a.max_len,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        train_limit=a.train_limit,
+        seed=a.seed,
+    )
     metrics = pretrain(cfg, a.out, a.data_dir)
-    print(f"IMDB test accuracy {metrics['imdb_test_accuracy']:.4f}, {metrics['parameters']:,} parameters, "
-          f"{metrics['train_seconds']:.0f} s; Amazon zero-shot {metrics['amazon_zero_shot_accuracy']}")
+    print(
+        f"IMDB test accuracy {metrics['imdb_test_accuracy']:.4f}, {metrics['parameters']:,} parameters, "
+        f"{metrics['train_seconds']:.0f} s; Amazon zero-shot {metrics['amazon_zero_shot_accuracy']}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ SCALE_SUFFIX = ".__scale"
 QMAX = 127
 # Above this magnitude 127 * scale may overflow float32 on dequantization.
 MAX_ABS = float(np.finfo(np.float32).max) / 2
+# The largest scale ``quantize`` can produce; a larger one can only come from a forged payload
+# and would dequantize to infinity.
+MAX_SCALE = float(np.nextafter(np.float32(MAX_ABS / QMAX), np.float32(np.inf)))
 
 
 class QuantizationError(ValueError):
@@ -131,8 +134,8 @@ def decode(payload: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]] |
             raise QuantizationError(f"{name}{SCALE_SUFFIX}: dtype {scale.dtype}, expected float32")
         if scale.shape != (_rows(q.shape),):
             raise QuantizationError(f"{name}{SCALE_SUFFIX}: shape {scale.shape}, expected ({_rows(q.shape)},)")
-        if not np.isfinite(scale).all() or (scale < 0).any():
-            raise QuantizationError(f"{name}{SCALE_SUFFIX}: scales must be finite and >= 0")
+        if not np.isfinite(scale).all() or (scale < 0).any() or (scale > MAX_SCALE).any():
+            raise QuantizationError(f"{name}{SCALE_SUFFIX}: scales must be finite and in [0, {MAX_SCALE:.4g}]")
         if q.size and q.min() < -QMAX:
             raise QuantizationError(f"{name}: value -128 is outside the symmetric int8 range [-127, 127]")
         out[name] = dequantize(q, scale)

@@ -69,12 +69,14 @@ class RunDir:
         tmp.write_text("".join(json.dumps(r, sort_keys=True, default=float) + "\n" for r in keep))
         os.replace(tmp, self.metrics_path)
 
-    def save_round(self, rnd: int, model_state: dict[str, torch.Tensor], arrays: dict[str, np.ndarray],
-                   state: dict[str, Any]) -> None:
+    def save_round(
+        self, rnd: int, model_state: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], state: dict[str, Any]
+    ) -> None:
         """Checkpoint the model, then the resumable arrays, then (last) the JSON state."""
         save_tensors(model_state, self.checkpoints / f"round_{rnd:03d}.safetensors")
-        save_tensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
-                     self.path / "state.safetensors")
+        save_tensors(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, self.path / "state.safetensors"
+        )
         write_json(self.path / "state.json", {"round": rnd, **state})
 
     def load_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

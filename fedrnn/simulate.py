@@ -46,19 +46,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def overrides_from_args(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    run = {k: v for k, v in {
-        "clients": a.clients, "rounds": a.rounds, "clients_per_round": a.clients_per_round, "alpha": a.alpha,
-        "mode": a.mode, "strategy": a.strategy, "target": a.target, "seed": a.seed, "teacher": a.teacher,
-        "data_dir": a.data_dir,
-    }.items() if v is not None}
+    run = {
+        k: v
+        for k, v in {
+            "clients": a.clients,
+            "rounds": a.rounds,
+            "clients_per_round": a.clients_per_round,
+            "alpha": a.alpha,
+            "mode": a.mode,
+            "strategy": a.strategy,
+            "target": a.target,
+            "seed": a.seed,
+            "teacher": a.teacher,
+            "data_dir": a.data_dir,
+        }.items()
+        if v is not None
+    }
     return {"run": run} if run else {}
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray resources: ``actors`` workers of one logical CPU each, or attach to a cluster."""
-    init: dict[str, Any] = {"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {
-        "num_cpus": cfg.simulation.actors}
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init}
+    """Ray resources: ``actors`` workers of one logical CPU each, or attach to a cluster.
+
+    ``max_restarts``: Ray restarts a worker whose process died (a client crashed or was OOM-killed);
+    without it Flower puts the dead actor back in its pool and every later job sent to it fails.
+    """
+    init: dict[str, Any] = (
+        {"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {"num_cpus": cfg.simulation.actors}
+    )
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1}, "init_args": init}
 
 
 def round_printer(console: Console, rounds: int):
@@ -68,10 +84,11 @@ def round_printer(console: Console, rounds: int):
             return f"{v:.4f}" if isinstance(v, float) else "  -   "
 
         console.print(
-            f"round {row['round']:>3}/{rounds}  target {f('target_accuracy')}  retention {f('retention_accuracy')}  "
-            f"clients mean {f('fed_eval_accuracy_mean')} p10 {f('fed_eval_accuracy_p10')}  "
-            f"down {row['bytes_down'] / 1e6:.2f} MB  up {row['bytes_up'] / 1e6:.2f} MB  "
-            f"failed {row['failures']}  {row['round_seconds']:.1f} s"
+            f"round {row['round']:>3}/{rounds}  target {f('target_accuracy')}  source {f('retention_accuracy')}  "
+            f"clients {f('fed_eval_accuracy_mean')} p10 {f('fed_eval_accuracy_p10')}  "
+            f"down {row['bytes_down'] / 1e6:.1f} MB  up {row['bytes_up'] / 1e6:.1f} MB  "
+            f"failed {row['failures']}  {row['round_seconds']:.1f} s",
+            soft_wrap=True,
         )
 
     return show
@@ -91,8 +108,12 @@ def run_simulation_for(cfg: RunConfig, prepared: Prepared, console: Console, ver
     backend = backend_config(cfg)
     if not verbose:
         backend["init_args"] |= {"logging_level": logging.ERROR, "log_to_driver": False}
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=max(cfg.run.clients_per_round, cfg.simulation.actors), backend_config=backend)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=max(cfg.run.clients_per_round, cfg.simulation.actors),
+        backend_config=backend,
+    )
     if not summary:
         raise RuntimeError("the simulation ended without completing the run; see the log above")
     return summary
@@ -131,8 +152,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     write_json(rd.path / "summary.json", summary)
     plot_run(rows, rd.path)
-    console.print(f"[bold green]done[/]: {rd.path}  target accuracy {final.get('target_accuracy')}  "
-                  f"wall {wall:.0f} s  efficiency {summary['simulation_efficiency']:.2f}")
+    if any("sim_time_h" in r for r in rows):  # a device-fleet run: accuracy against simulated wall-clock time
+        timed = [r if r["round"] else {**r, "sim_time_h": 0.0} for r in rows]
+        plot_run(
+            timed, rd.path, "sim_time_h", "simulated wall-clock hours", suffix="_vs_sim_hours", kinds=("accuracy",)
+        )
+    console.print(
+        f"[bold green]done[/]: {rd.path}  target accuracy {final.get('target_accuracy')}  "
+        f"wall {wall:.0f} s  efficiency {summary['simulation_efficiency']:.2f}"
+    )
     return summary
 
 

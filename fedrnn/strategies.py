@@ -25,8 +25,9 @@ from fedrnn.config import RunConfig
 
 def make_strategy(cfg: RunConfig) -> Strategy:
     """Build the configured Flower strategy."""
-    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-                  min_available_nodes=1)
+    common = dict(
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1
+    )
     name = cfg.run.strategy
     if cfg.privacy.client_level != "off":  # Flower's DP wrapper around a uniform FedAvg/FedProx (see client_dp)
         from fedrnn.client_dp import UNIFORM_WEIGHT, ClientLevelDP  # lazy: client_dp imports the round loop
@@ -70,6 +71,6 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
 def load_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
     for attr in _STATE_ATTRS:
         prefix = f"{attr}/"
-        value = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        value = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         if value:
             setattr(strategy, attr, value)

@@ -60,8 +60,12 @@ def prepare_target(
     arrays: dict[str, np.ndarray] = {}
     for name, reviews in (("pool", pool), ("test", test), ("retention", ret)):
         enc = encode(tokenizer, reviews.texts, reviews.labels, max_len)
-        arrays |= {f"{name}_ids": enc.ids, f"{name}_lengths": enc.lengths, f"{name}_labels": enc.labels,
-                   f"{name}_groups": reviews.groups.astype(str)}
+        arrays |= {
+            f"{name}_ids": enc.ids,
+            f"{name}_lengths": enc.lengths,
+            f"{name}_labels": enc.labels,
+            f"{name}_groups": reviews.groups.astype(str),
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)

@@ -69,9 +69,10 @@ def check_reply(content: RecordDict, expected: Expected) -> float:
         _number(metrics, key)
     for key in metrics:
         _number(metrics, key)  # strategies average every metric: lists and NaNs would poison the round's
-    client = _number(metrics, "client-id")
+    _number(metrics, "client-id")
+    client = metrics["client-id"]  # compared as sent: SuperNode ids are uint64, beyond a float's 53 bits
     if client != expected.client:
-        raise ReplyRejected(f"metrics: client-id {client:g} but the message was sent to client {expected.client}")
+        raise ReplyRejected(f"metrics: client-id {client} but the message was sent to client {expected.client}")
     n = _number(metrics, "num-examples")
     if n != int(n) or not 1 <= n <= expected.max_examples:
         raise ReplyRejected(f"metrics: num-examples {n:g} is not an integer in [1, {expected.max_examples}] "

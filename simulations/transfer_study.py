@@ -1,6 +1,6 @@
 """Transfer-learning study: what pretraining on IMDB buys federated clients on Amazon reviews.
 
-    FEDRNN_DATA_DIR=../shared/data python simulations/transfer_study.py [--rounds 15]
+    FEDRNN_DATA_DIR=../shared/data python simulations/transfer_study.py [--rounds 12]
 
 Variants, for each non-IID alpha in {0.1, 1, 100}:
   zero-shot     the IMDB teacher as is (round 0 of any teacher-initialised run)
@@ -52,8 +52,13 @@ def run_variant(name: str, cfg: dict, work: Path) -> list[dict]:
     if not (out / "summary.json").is_file():
         (work / f"{name}.toml").write_text(toml_of(cfg))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", "--config", str(work / f"{name}.toml"),
-                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "fedrnn.simulate", "--config", str(work / f"{name}.toml"), "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -70,29 +75,45 @@ def centralised(run: Path, cfg: dict, epochs: int) -> float:
     hold = run_cfg["client"]["holdout_fraction"]
     train_idx = np.concatenate([split_holdout(s, hold, run_cfg["run"]["seed"], k)[0] for k, s in enumerate(shards)])
     model = build_model(base, {}, "fine-tune")
-    local = LocalTrainConfig(lr=cfg["client"]["lr"], epochs=epochs, batch_size=cfg["client"]["batch_size"],
-                             max_steps=0, proximal_mu=0.0, clip_norm=1.0, seed=0)
+    local = LocalTrainConfig(
+        lr=cfg["client"]["lr"],
+        epochs=epochs,
+        batch_size=cfg["client"]["batch_size"],
+        max_steps=0,
+        proximal_mu=0.0,
+        clip_norm=1.0,
+        seed=0,
+    )
     local_train(model, data.pool.subset(train_idx), local, [])
     return evaluate(model, data.test)["accuracy"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--work", default="runs/transfer_study")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     base = tomllib.loads((ROOT / "configs" / "default.toml").read_text())
     base["run"]["rounds"] = a.rounds
-    base.setdefault("server", {})["eval_every"] = 5
+    base.setdefault("server", {})["eval_every"] = a.rounds // 2
     rows = []
 
     def record(study: str, alpha: float, variant: str, data_fraction: float, metrics: list[dict]) -> None:
         final = metrics[-1]
-        rows.append({"study": study, "alpha": alpha, "variant": variant, "data_fraction": data_fraction,
-                     "target_accuracy": final["target_accuracy"], "retention_accuracy": final.get("retention_accuracy"),
-                     "fed_eval_p10": final.get("fed_eval_accuracy_p10"), "rounds": final["round"]})
+        rows.append(
+            {
+                "study": study,
+                "alpha": alpha,
+                "variant": variant,
+                "data_fraction": data_fraction,
+                "target_accuracy": final["target_accuracy"],
+                "retention_accuracy": final.get("retention_accuracy"),
+                "fed_eval_p10": final.get("fed_eval_accuracy_p10"),
+                "rounds": final["round"],
+            }
+        )
 
     for alpha in (0.1, 1.0, 100.0):
         for mode in ("feature-extraction", "fine-tune", "full"):
@@ -100,21 +121,47 @@ def main() -> None:
             metrics = run_variant(f"a{alpha}-{mode}", cfg, work)
             record("transfer", alpha, mode, 1.0, metrics)
             if mode == "fine-tune":
-                rows.append({"study": "transfer", "alpha": alpha, "variant": "zero-shot", "data_fraction": 1.0,
-                             "target_accuracy": metrics[0]["target_accuracy"],
-                             "retention_accuracy": metrics[0].get("retention_accuracy"), "fed_eval_p10": None,
-                             "rounds": 0})
-                epochs = max(1, round(a.rounds * base["run"]["clients_per_round"] * base["client"]["local_epochs"]
-                                      / base["run"]["clients"]))
-                rows.append({"study": "transfer", "alpha": alpha, "variant": "centralised", "data_fraction": 1.0,
-                             "target_accuracy": centralised(work / f"a{alpha}-{mode}", cfg, epochs),
-                             "retention_accuracy": None, "fed_eval_p10": None, "rounds": epochs})
+                rows.append(
+                    {
+                        "study": "transfer",
+                        "alpha": alpha,
+                        "variant": "zero-shot",
+                        "data_fraction": 1.0,
+                        "target_accuracy": metrics[0]["target_accuracy"],
+                        "retention_accuracy": metrics[0].get("retention_accuracy"),
+                        "fed_eval_p10": None,
+                        "rounds": 0,
+                    }
+                )
+                epochs = max(
+                    1,
+                    round(
+                        a.rounds
+                        * base["run"]["clients_per_round"]
+                        * base["client"]["local_epochs"]
+                        / base["run"]["clients"]
+                    ),
+                )
+                rows.append(
+                    {
+                        "study": "transfer",
+                        "alpha": alpha,
+                        "variant": "centralised",
+                        "data_fraction": 1.0,
+                        "target_accuracy": centralised(work / f"a{alpha}-{mode}", cfg, epochs),
+                        "retention_accuracy": None,
+                        "fed_eval_p10": None,
+                        "rounds": epochs,
+                    }
+                )
         cfg = {**base, "run": {**base["run"], "alpha": alpha, "mode": "full", "init": "scratch"}}
         record("transfer", alpha, "scratch", 1.0, run_variant(f"a{alpha}-scratch", cfg, work))
     for fraction in (0.1, 0.3):
         for mode in ("feature-extraction", "fine-tune"):
-            cfg = {**base, "run": {**base["run"], "alpha": 1.0, "mode": mode, "data_fraction": fraction,
-                                   "min_client_examples": 2}}
+            cfg = {
+                **base,
+                "run": {**base["run"], "alpha": 1.0, "mode": mode, "data_fraction": fraction, "min_client_examples": 2},
+            }
             record("data-sweep", 1.0, mode, fraction, run_variant(f"d{fraction}-{mode}", cfg, work))
     for r in rows:
         if r["study"] == "transfer" and r["alpha"] == 1.0 and r["variant"] in ("feature-extraction", "fine-tune"):
@@ -140,16 +187,28 @@ def plot(rows: list[dict]) -> None:
     alphas = [0.1, 1.0, 100.0]
     width = 0.13
     for i, v in enumerate(variants):
-        ys = [next((r["target_accuracy"] for r in rows if r["study"] == "transfer" and r["alpha"] == al
-                    and r["variant"] == v), np.nan) for al in alphas]
+        ys = [
+            next(
+                (
+                    r["target_accuracy"]
+                    for r in rows
+                    if r["study"] == "transfer" and r["alpha"] == al and r["variant"] == v
+                ),
+                np.nan,
+            )
+            for al in alphas
+        ]
         ax1.bar(np.arange(3) + (i - 2.5) * width, ys, width, label=v)
     ax1.set_xticks(range(3), [f"alpha={al:g}" for al in alphas])
     ax1.set_ylim(0.5, 0.95)
     ax1.set_ylabel("Amazon target test accuracy")
     ax1.legend(fontsize=7)
     for mode in ("feature-extraction", "fine-tune"):
-        pts = sorted((r["data_fraction"], r["target_accuracy"]) for r in rows
-                     if r["study"] == "data-sweep" and r["variant"] == mode)
+        pts = sorted(
+            (r["data_fraction"], r["target_accuracy"])
+            for r in rows
+            if r["study"] == "data-sweep" and r["variant"] == mode
+        )
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
     ax2.set_xscale("log")
     ax2.set_xlabel("fraction of the pool given to clients")
@@ -163,11 +222,14 @@ def print_table(rows: list[dict]) -> None:
     print("| study | alpha | variant | data | target acc | IMDB retention | clients p10 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+
         def f(v: float | None) -> str:
             return f"{v:.4f}" if isinstance(v, float) else "-"
 
-        print(f"| {r['study']} | {r['alpha']:g} | {r['variant']} | {r['data_fraction']:g} | "
-              f"{f(r['target_accuracy'])} | {f(r['retention_accuracy'])} | {f(r['fed_eval_p10'])} |")
+        print(
+            f"| {r['study']} | {r['alpha']:g} | {r['variant']} | {r['data_fraction']:g} | "
+            f"{f(r['target_accuracy'])} | {f(r['retention_accuracy'])} | {f(r['fed_eval_p10'])} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from fedrnn.data import DATA_DIR_ENV
 from fedrnn.models import ModelConfig
 from fedrnn.pretrain import PretrainConfig, pretrain
 
-
 # One intra-op thread: the tiny test models gain nothing from two, and on a shared 2-core
 # machine two threads per process oversubscribe the CPU and run many times slower.
 torch.set_num_threads(1)
@@ -33,8 +32,9 @@ TINY_MODEL = ModelConfig(vocab_size=2000, embed_dim=24, hidden_size=24, num_laye
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, dict]:
     """A 2-layer LSTM pretrained for seconds on 3,000 IMDB reviews (checkpoint dir, metrics)."""
     out = tmp_path_factory.mktemp("teacher")
-    cfg = PretrainConfig(model=TINY_MODEL, max_len=128, epochs=3, batch_size=32, lr=5e-3, train_limit=3000,
-                         eval_limit=1000, seed=0)
+    cfg = PretrainConfig(
+        model=TINY_MODEL, max_len=128, epochs=3, batch_size=32, lr=5e-3, train_limit=3000, eval_limit=1000, seed=0
+    )
     metrics = pretrain(cfg, out, str(data_dir), quiet=True)
     return out, metrics
 

@@ -151,6 +151,17 @@ def test_wait_waits_for_everyone():
     assert p.deadline_s is None
 
 
+def test_local_steps_override_the_steps_derived_from_samples():
+    # 2 epochs of 250 examples at batch 32 are 2 x 8 = 16 steps, not ceil(500 / 32) = 16 ... and of 40
+    # examples at batch 32 are 2 x 2 = 4 steps, not ceil(80 / 32) = 3: the plan must say what is trained
+    p = plan(manual_fleet(1), [0], "wait", None, work_samples=80, local_steps=4)
+    assert (p.clients[0].steps, p.clients[0].steps_total) == (4, 4)
+    assert p.clients[0].compute_s == pytest.approx(80 / 100)
+    # deadline leaves 0.7 s of compute = 70 samples = 2 batches of 32
+    q = plan(manual_fleet(1), [0], "partial", 1.05 + 2.05 + 0.7, work_samples=80, local_steps=4)
+    assert (q.clients[0].status, q.clients[0].steps, q.clients[0].fraction) == ("partial", 2, 0.5)
+
+
 def test_bad_policy_arguments_are_rejected():
     with pytest.raises(DeviceError, match="policy"):
         plan(manual_fleet(1), [0], "hurry", 5.0)
@@ -232,6 +243,33 @@ def test_trace_windows_repeat_with_their_period():
     assert w.window_end(410.0) == pytest.approx(450.0)
     assert w.window_end(460.0) is None
     assert w.window_end(520.0) == pytest.approx(550.0)
+
+
+def test_next_online_is_the_opening_of_the_next_window():
+    d = Diurnal(22.0, 7.0, phase_h=0.0)
+    assert d.next_online(23 * 3600) == 23 * 3600  # already online
+    assert d.next_online(12 * 3600) == pytest.approx(22 * 3600)
+    assert Diurnal(22.0, 7.0, phase_h=2.0).next_online(12 * 3600) == pytest.approx(20 * 3600)  # local 14:00
+    w = TraceWindows((0.0, 100.0), (50.0, 150.0), period_s=200.0)
+    assert w.next_online(460.0) == pytest.approx(500.0)
+    assert w.next_online(560.0) == pytest.approx(600.0)  # past the last window: the next period's first
+    assert TraceWindows((0.0,), (50.0,)).next_online(60.0) == math.inf  # no period: never again
+    assert AlwaysOn().next_online(7.0) == 7.0
+    odd = TraceWindows((1000.0 / 3, 5000.0 / 7), (400.0, 8000.0), period_s=86400.0 / 7)
+    patterns = [Diurnal(22.0, 7.0, phase_h=1.7), Diurnal(3.5, 9.25, phase_h=-2.2), w, odd, Churn(3600, 1800, seed=3)]
+    for a in patterns:
+        for t in np.linspace(0, 3 * 86400, 1001):
+            nxt = a.next_online(t)
+            assert nxt >= t and a.window_end(nxt) is not None, (a, t)
+            if nxt > t:  # offline all the way from t to the opening (checked on a fine grid)
+                assert all(a.window_end(x) is None for x in np.linspace(t, nxt, 50)[:-1]), (a, t)
+
+
+def test_fleet_next_available_time_skips_to_the_first_device_back_online():
+    fleet = manual_fleet(2, availability=[Diurnal(22.0, 7.0), Diurnal(20.0, 23.0)])
+    assert len(fleet.available(12 * 3600)) == 0
+    assert fleet.next_available_time(12 * 3600) == pytest.approx(20 * 3600)
+    assert fleet.available(fleet.next_available_time(12 * 3600)).tolist() == [1]
 
 
 def test_mix_allocates_exact_proportions_and_rejects_bad_mixes():

@@ -197,13 +197,13 @@ def test_fault_plugin_marks_the_named_clients_in_the_named_rounds() -> None:
 
 
 def _job(timeout: float) -> Message:
-    return Message(RecordDict({"config": ConfigRecord({"timeout-s": timeout})}), metadata=_meta(message_id="j"))
+    return Message(RecordDict({"config": ConfigRecord({"deadline-s": timeout})}), metadata=_meta(message_id="j"))
 
 
 def test_deadline_mod_aborts_a_hung_job_and_disarms_after_a_quick_one() -> None:
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     t0 = time.perf_counter()
-    with pytest.raises(ClientDeadlineExceeded, match="round timeout of 0.2 s"):
+    with pytest.raises(ClientDeadlineExceeded, match="deadline of 0.2 s"):
         deadline_mod(_job(0.2), ctx, lambda m, c: time.sleep(5) or m)
     assert time.perf_counter() - t0 < 2
     msg = _job(0.2)

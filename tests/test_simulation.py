@@ -27,8 +27,18 @@ TIMEOUT = 420
 
 
 def _cmd(out: Path, teacher: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fedrnn.simulate", "--config", str(ROOT / "configs" / "tiny.toml"),
-            "--teacher", str(teacher), "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fedrnn.simulate",
+        "--config",
+        str(ROOT / "configs" / "tiny.toml"),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _env(cache_dir: Path) -> dict[str, str]:
@@ -43,8 +53,14 @@ def _rows(run: Path) -> list[dict]:
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Path, dict]) -> Path:
     out = tmp_path_factory.mktemp("sim") / "run"
     cache = out.parent / "cache"
-    r = subprocess.run(_cmd(out, tiny_teacher[0], "--rounds", "3"), env=_env(cache), cwd=ROOT,
-                       capture_output=True, text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        _cmd(out, tiny_teacher[0], "--rounds", "3"),
+        env=_env(cache),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -62,7 +78,10 @@ def test_run_writes_everything(finished_run: Path) -> None:
     for name in ("accuracy.png", "loss.png", "config.json", "partitions.npz"):
         assert (finished_run / name).stat().st_size > 0
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == [
-        "round_001.safetensors", "round_002.safetensors", "round_003.safetensors"]
+        "round_001.safetensors",
+        "round_002.safetensors",
+        "round_003.safetensors",
+    ]
 
 
 def test_only_trainable_tensors_travel(finished_run: Path, tiny_teacher: tuple[Path, dict]) -> None:
@@ -83,11 +102,18 @@ def test_only_trainable_tensors_travel(finished_run: Path, tiny_teacher: tuple[P
     assert not np.array_equal(final["head.weight"], sd["head.weight"].numpy())
 
 
-def test_same_seed_same_metrics_and_resume_after_kill(finished_run: Path, tmp_path: Path,
-                                                      tiny_teacher: tuple[Path, dict]) -> None:
+def test_same_seed_same_metrics_and_resume_after_kill(
+    finished_run: Path, tmp_path: Path, tiny_teacher: tuple[Path, dict]
+) -> None:
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(out, tiny_teacher[0], "--rounds", "3"), env=_env(finished_run.parent / "cache"),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(out, tiny_teacher[0], "--rounds", "3"),
+        env=_env(finished_run.parent / "cache"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
@@ -101,20 +127,38 @@ def test_same_seed_same_metrics_and_resume_after_kill(finished_run: Path, tmp_pa
         proc.wait(timeout=30)
     done = json.loads((out / "state.json").read_text())["round"]
     assert 1 <= done < 3
-    r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", "--resume", str(out)],
-                       env=_env(finished_run.parent / "cache"), cwd=ROOT, capture_output=True, text=True,
-                       timeout=TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, "-m", "fedrnn.simulate", "--resume", str(out)],
+        env=_env(finished_run.parent / "cache"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming" in r.stdout
     resumed, reference = _rows(out), _rows(finished_run)
     assert [x["round"] for x in resumed] == [0, 1, 2, 3]
-    keys = ("target_accuracy", "target_loss", "retention_accuracy", "train_loss", "fed_eval_accuracy_mean",
-            "clients", "bytes_down")
+    keys = (
+        "target_accuracy",
+        "target_loss",
+        "retention_accuracy",
+        "train_loss",
+        "fed_eval_accuracy_mean",
+        "clients",
+        "bytes_down",
+    )
     for a, b in zip(resumed, reference, strict=True):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
 
 
 def test_bad_config_value_is_named(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
-    r = subprocess.run(_cmd(tmp_path / "x", tiny_teacher[0], "--alpha", "-2"), env=_env(tmp_path), cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        _cmd(tmp_path / "x", tiny_teacher[0], "--alpha", "-2"),
+        env=_env(tmp_path),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "run.alpha" in r.stderr

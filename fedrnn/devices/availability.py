@@ -85,7 +85,7 @@ class Diurnal:
     def next_online(self, t: float) -> float:
         if self.window_end(t) is not None:
             return t
-        return t + (24.0 - self._since_start_h(t)) * HOUR
+        return _inside(self, t + (24.0 - self._since_start_h(t)) * HOUR)
 
 
 class Churn:
@@ -159,8 +159,14 @@ class TraceWindows:
         local, offset = self._local(t)
         i = bisect.bisect_right(self.starts, local)
         if i < len(self.starts):
-            return offset + self.starts[i]
-        return math.inf if self.period_s is None else offset + self.period_s + self.starts[0]
+            return _inside(self, offset + self.starts[i])
+        return math.inf if self.period_s is None else _inside(self, offset + self.period_s + self.starts[0])
+
+
+def _inside(pattern: Availability, opening: float) -> float:
+    """``opening``, or a millisecond later if float rounding in the modular arithmetic put it a hair
+    before the window opens (so the clock never stops just short of a device coming online)."""
+    return opening if pattern.window_end(opening) is not None else opening + 1e-3
 
 
 def make_availability(kind: str, *, phase_h: float, seed: int | Sequence[int]) -> Availability:
