@@ -11,7 +11,8 @@ clients are sampled every round), only ``[compression]`` differing:
 
 Bytes are the rounds' ``bytes_down`` / ``bytes_up`` (``fedrnn.wire.record_nbytes`` of what was
 sent and received); accuracy is the server-side target accuracy after the last round, and the
-mean over all rounds. Results go to ``benchmarks/results/compression.json``.
+mean over all rounds. Results go to ``benchmarks/results/compression.json``; each run keeps its
+metrics, config and plots under ``--work`` (its checkpoints, ~10 MB a round, are deleted).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +73,7 @@ def summarize(run: Path) -> dict[str, Any]:
         "target_accuracy_final": rounds[-1]["target_accuracy"],
         "target_accuracy_mean": sum(r["target_accuracy"] for r in rounds) / len(rounds),
         "target_accuracy_round0": rows[0]["target_accuracy"],
+        "target_loss_final": rounds[-1]["target_loss"],
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         "bytes_up": sum(r["bytes_up"] for r in rounds),
         "uplink_rejected": sum(r.get("uplink_rejected", 0) for r in rounds),
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if r.returncode != 0:
             raise SystemExit(f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
         results[name] = {"compression": compression, "seconds": time.perf_counter() - t0, **summarize(run)}
+        for bulky in ("checkpoints", "client_state"):
+            shutil.rmtree(run / bulky, ignore_errors=True)
+        (run / "state.safetensors").unlink(missing_ok=True)
         print(f"{name}: {results[name]}", flush=True)
     base = results["float32"]
     for res in results.values():

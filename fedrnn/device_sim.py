@@ -33,7 +33,7 @@ from fedrnn.devices import (
     plan_round,
     summarize_by_class,
 )
-from fedrnn.federation import Federation, RoundPlugin
+from fedrnn.federation import Federation, RoundPlugin, VirtualClients
 from fedrnn.partitions import load_partitions, split_holdout
 from fedrnn.quantize import encode
 from fedrnn.task import build_model
@@ -71,6 +71,9 @@ class DeviceSimulation(RoundPlugin):
 
     # ------------------------------------------------------------------ setup
     def setup(self, fed: Federation) -> None:
+        if not isinstance(fed.placement, VirtualClients):
+            raise ValueError("[devices] simulates a fleet of virtual clients; in deployment every SuperNode is a "
+                             "real device, so set devices.enabled = false")
         self.fed = fed
         run, c = fed.cfg.run, fed.cfg.client
         if self.cfg.trace:

@@ -46,6 +46,7 @@ tested against. Ratios are measured by ``benchmarks/bench_dp.py``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -56,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.nn import functional as F
@@ -189,12 +191,24 @@ def _merge(history: list[Entry]) -> list[Entry]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _step_rdp(noise_multiplier: float, rate: float) -> np.ndarray:
+    """RDP of one step at each of ``RDPAccountant``'s orders.
+
+    Cached because it is what costs (a slowly converging series per fractional order, ~0.1 s)
+    and a client's rounds repeat the same (sigma, q); RDP is linear in steps, so the sum below
+    is exactly what ``RDPAccountant.get_epsilon`` computes for the same history.
+    """
+    return rdp_analysis.compute_rdp(q=rate, noise_multiplier=noise_multiplier, steps=1,
+                                    orders=RDPAccountant.DEFAULT_ALPHAS)
+
+
 def _rdp_epsilon(history: list[Entry], delta: float) -> float:
     if not history:
         return 0.0
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta))
+    rdp = sum(_step_rdp(sigma, q) * steps for sigma, q, steps in history)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def epsilon(state: PrivacyState, delta: float | None = None) -> float:
@@ -210,12 +224,19 @@ def remaining_budget(state: PrivacyState) -> float:
 
 
 def calibrate_noise(target_epsilon: float, delta: float, rate: float, total_steps: int) -> float:
-    """Smallest noise multiplier (to Opacus's tolerance) keeping ``total_steps`` steps within the budget."""
+    """Smallest noise multiplier (to Opacus's tolerance) keeping ``total_steps`` steps within the budget.
+
+    The search evaluates RDP at the accountant's integer orders only: ~20x faster (a client
+    calibrates once, on a device), and safe, since the accountant's epsilon (a minimum over
+    more orders) can only be lower than the one the noise was calibrated for.
+    """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    integer_orders = [a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()]
     return float(
         get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=total_steps, accountant="rdp"
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=total_steps, accountant="rdp",
+            alphas=integer_orders,
         )
     )
 

@@ -151,10 +151,9 @@ class PrivacyLedger(RoundPlugin):
     def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
         return {c: record_dp_config(self.cfg, self.planned_rounds, self.states.get(c)) for c in clients}
 
-    def _record(self, client: int, state: PrivacyState) -> float:
-        self.states[client] = state
-        self.eps[client] = epsilon(state)
-        return self.eps[client]
+    def _record(self, client: int, state: PrivacyState, eps: float) -> float:
+        self.states[client], self.eps[client] = state, eps
+        return eps
 
     def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
         kept: list[Message] = []
@@ -170,11 +169,14 @@ class PrivacyLedger(RoundPlugin):
                 state = PrivacyState.from_dict(reply.content.config_records[REPLY_RECORD])
                 metrics = reply.content["metrics"]
                 trained, exhausted = bool(metrics["dp-trained"]), bool(metrics["dp-exhausted"])
+                eps = float(metrics["dp-epsilon"])  # the client ran the same accountant on this same history
+                if not (math.isfinite(eps) and eps >= 0):
+                    raise ValueError(f"dp-epsilon {eps} is not a finite number >= 0")
             except (KeyError, TypeError, ValueError) as e:
                 log(WARNING, "round %d: dropped an unaccounted reply of client %s: %s", rnd, client, e)
                 unaccounted += 1
                 continue
-            round_eps[str(client)] = self._record(client, state)
+            round_eps[str(client)] = self._record(client, state, eps)
             if exhausted:
                 self.exhausted.add(client)
             if trained:
@@ -200,11 +202,13 @@ class PrivacyLedger(RoundPlugin):
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {"states": {str(c): s.to_dict() for c, s in self.states.items()},
-                "exhausted": sorted(self.exhausted)}, {}
+                "epsilon": {str(c): e for c, e in self.eps.items()}, "exhausted": sorted(self.exhausted)}, {}
 
     def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        spent = state.get("epsilon", {})
         for c, d in state.get("states", {}).items():
-            self._record(int(c), PrivacyState.from_dict(d))
+            s = PrivacyState.from_dict(d)
+            self._record(int(c), s, float(spent[c]) if c in spent else epsilon(s))
         self.exhausted = {int(c) for c in state.get("exhausted", [])}
 
 

@@ -135,7 +135,7 @@ def decode(payload: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]] |
         if scale.shape != (_rows(q.shape),):
             raise QuantizationError(f"{name}{SCALE_SUFFIX}: shape {scale.shape}, expected ({_rows(q.shape)},)")
         if not np.isfinite(scale).all() or (scale < 0).any() or (scale > MAX_SCALE).any():
-            raise QuantizationError(f"{name}{SCALE_SUFFIX}: scales must be finite and in [0, {MAX_SCALE:.4g}]")
+            raise QuantizationError(f"{name}{SCALE_SUFFIX}: scales must be finite, >= 0 and <= {MAX_SCALE:.4g}")
         if q.size and q.min() < -QMAX:
             raise QuantizationError(f"{name}: value -128 is outside the symmetric int8 range [-127, 127]")
         out[name] = dequantize(q, scale)

@@ -51,7 +51,7 @@ def make_strategy(cfg: RunConfig) -> Strategy:
         return Krum(**common, num_malicious_nodes=cfg.server.krum_byzantine)
     if name == "multikrum":
         keep = max(1, cfg.run.clients_per_round - cfg.server.krum_byzantine)
-        return MultiKrum(**common, num_malicious_nodes=cfg.server.krum_byzantine, num_nodes_to_keep=keep)
+        return MultiKrum(**common, num_malicious_nodes=cfg.server.krum_byzantine, num_nodes_to_select=keep)
     raise ValueError(f"run.strategy {name!r} unknown")
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from fedrnn.attacks import AttackSimulation
 from fedrnn.checkpoint import write_json
 from fedrnn.compression import Int8Compression
-from fedrnn.config import RunConfig, config_from_dict, load_config
+from fedrnn.config import ConfigError, RunConfig, config_from_dict, load_config
 from fedrnn.device_sim import DeviceSimulation
 from fedrnn.distill_plugin import StudentDistillation
 from fedrnn.faults import FaultInjection
@@ -27,6 +27,7 @@ from fedrnn.federation import DeviceNodes, Federation, Prepared, RoundPlugin, Vi
 from fedrnn.prepare import prepare_run
 from fedrnn.privacy_ledger import privacy_plugins
 from fedrnn.rundir import RunDir
+from fedrnn.simulate import round_printer
 from fedrnn.strategies import make_strategy
 from fedrnn.validation import ReplyValidator
 
@@ -86,12 +87,18 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = load_config(app_file(str(rc["config"])) if rc.get("config") else None)
     run_dir = RunDir(str(rc.get("run-dir", "runs/deployment")))
-    if (run_dir.path / "state.json").is_file():
-        cfg = config_from_dict(run_dir.config())  # resuming: the run's own config, as --resume does
-    else:
+    resuming = (run_dir.path / "state.json").is_file()
+    if resuming:
+        cfg = config_from_dict(run_dir.config())  # the run's own config, as --resume does
+    if cfg.devices.enabled:
+        raise ConfigError(f"{rc.get('config')}: [devices] simulates a device fleet; on real SuperNodes the devices "
+                          "are real, so set [devices] enabled = false (or leave the section out)")
+    if not resuming:
         run_dir.create(cfg.to_dict())
     prepared = prepare_run(cfg, run_dir.path)
     min_nodes = int(rc.get("min-nodes", cfg.run.clients_per_round))
-    totals = Federation(cfg, prepared, make_strategy(cfg), DeviceNodes(min_nodes), build_plugins(cfg)).run(grid)
+    fed = Federation(cfg, prepared, make_strategy(cfg), DeviceNodes(min_nodes), build_plugins(cfg))
+    fed.on_round.append(round_printer(Console(), cfg.run.rounds))  # one line per round in `flwr log`
+    totals = fed.run(grid)
     rows = run_dir.read_metrics()
     write_json(run_dir.path / "summary.json", {"final": rows[-1] if rows else {}, **totals})

@@ -3,8 +3,12 @@
     FEDRNN_DATA_DIR=../shared/data python simulations/privacy_study.py [--rounds 5] [--clients 100]
 
 For each non-IID alpha in {0.1, 1}, one non-private run (epsilon = inf, shared by both
-levels) and, for each finite epsilon, one run with each kind of DP, all on the real
-Flower simulation (``python -m fedrnn.simulate``) from the same seed:
+levels) and, for each finite epsilon, one run with each kind of DP, all from the same seed.
+Each is an ordinary fedrnn run (``Federation`` with the configured strategy and plugins, its
+own run directory under ``--work``); the runs of one alpha share one Flower simulation, one
+after another on the same Ray executors, so that start-up (Ray, imports, loading the teacher
+and the data in every worker) is paid once per alpha rather than once per run. An
+interrupted study continues where it stopped (finished runs are kept, a cut run resumes).
 
 * record-level: DP-SGD on every client (``privacy.record_level``); each client's noise is
   calibrated so that its expected share of rounds (``ceil(rounds * per_round / clients)``)
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 import sys
 import time
@@ -33,7 +38,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from simulations.transfer_study import run_variant  # noqa: E402  (runs fedrnn.simulate, reuses finished runs)
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fedrnn.checkpoint import write_json  # noqa: E402
+from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
+from fedrnn.federation import Federation, VirtualClients  # noqa: E402
+from fedrnn.prepare import prepare_run  # noqa: E402
+from fedrnn.rundir import RunDir  # noqa: E402
+from fedrnn.simulate import backend_config  # noqa: E402
+from fedrnn.strategies import make_strategy  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
@@ -61,7 +75,47 @@ def run_config(a: argparse.Namespace, alpha: float, level: str, eps: float) -> d
     return cfg
 
 
-def summarize(level: str, alpha: float, eps: float, rows: list[dict], seconds: float) -> dict:
+def run_batch(runs: dict[str, RunConfig], work: Path) -> dict[str, float]:
+    """Run (or finish) every run not yet done inside one Flower simulation; returns seconds per run."""
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from server.server_app import build_plugins
+
+    todo = {name: cfg for name, cfg in runs.items() if not (work / name / "summary.json").is_file()}
+    if not todo:
+        return {}
+    prepared = {}
+    for name, cfg in todo.items():
+        rd = RunDir(work / name)
+        if not (rd.path / "config.json").is_file():
+            rd.create(cfg.to_dict())
+        prepared[name] = prepare_run(cfg, rd.path)
+    seconds: dict[str, float] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for name, cfg in todo.items():
+            t0 = time.perf_counter()
+            fed = Federation(cfg, prepared[name], make_strategy(cfg), VirtualClients(), build_plugins(cfg))
+            totals = fed.run(grid)
+            seconds[name] = time.perf_counter() - t0
+            write_json(work / name / "summary.json", {"final": RunDir(work / name).read_metrics()[-1], **totals})
+            print(f"{name:>24}: done in {seconds[name]:.0f} s", flush=True)
+
+    first = next(iter(todo.values()))
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    backend = backend_config(first)
+    backend["init_args"] |= {"logging_level": logging.ERROR, "log_to_driver": False}
+    run_simulation(server_app=app, client_app=client_app,
+                   num_supernodes=max(first.run.clients_per_round, first.simulation.actors), backend_config=backend)
+    if set(seconds) != set(todo):
+        raise RuntimeError(f"runs {sorted(set(todo) - set(seconds))} did not finish; see the log above")
+    return seconds
+
+
+def summarize(level: str, alpha: float, eps: float, rows: list[dict], seconds: float | None) -> dict:
     last = rows[-1]
     spent = {"record": last.get("dp_record_epsilon_max"), "client": last.get("dp_client_epsilon")}.get(level)
     noise = {"record": last.get("dp_record_noise_multiplier_mean"),
@@ -71,7 +125,8 @@ def summarize(level: str, alpha: float, eps: float, rows: list[dict], seconds: f
         "target_accuracy": last["target_accuracy"], "zero_shot_accuracy": rows[0]["target_accuracy"],
         "retention_accuracy": last.get("retention_accuracy"), "rounds": last["round"],
         "updates_aggregated": sum(r["trained"] for r in rows[1:]),
-        "clients_out_of_budget": last.get("dp_record_exhausted", 0), "wall_seconds": round(seconds, 1),
+        "clients_out_of_budget": last.get("dp_record_exhausted", 0),
+        "run_seconds": None if seconds is None else round(seconds, 1),
     }
 
 
@@ -131,17 +186,16 @@ def main() -> None:
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    plan = [(alpha, "none", math.inf) for alpha in ALPHAS]
-    plan += [(alpha, level, eps) for alpha in ALPHAS for level in LEVELS for eps in EPSILONS]
+    t_study = time.perf_counter()
     results = []
-    for alpha, level, eps in plan:
-        name = f"a{alpha:g}-{level}-eps{eps:g}"
-        t0 = time.perf_counter()
-        rows = run_variant(name, run_config(a, alpha, level, eps), work)
-        results.append(summarize(level, alpha, eps, rows, time.perf_counter() - t0))
-        r = results[-1]
-        print(f"{name:>24}: accuracy {r['target_accuracy']:.4f}  epsilon spent {r['epsilon_spent']}  "
-              f"({r['wall_seconds']:.0f} s)", flush=True)
+    for alpha in ALPHAS:
+        plan = [("none", math.inf)] + [(level, eps) for level in LEVELS for eps in EPSILONS]
+        runs = {f"a{alpha:g}-{level}-eps{eps:g}": (level, eps) for level, eps in plan}
+        seconds = run_batch({n: config_from_dict(run_config(a, alpha, *le)) for n, le in runs.items()}, work)
+        for name, (level, eps) in runs.items():
+            results.append(summarize(level, alpha, eps, RunDir(work / name).read_metrics(), seconds.get(name)))
+            r = results[-1]
+            print(f"{name:>24}: accuracy {r['target_accuracy']:.4f}  epsilon spent {r['epsilon_spent']}", flush=True)
     for r in results:
         base = next(b for b in results if b["alpha"] == r["alpha"] and b["level"] == "none")
         r["points_below_no_dp"] = round(100 * (base["target_accuracy"] - r["target_accuracy"]), 2)
@@ -152,6 +206,7 @@ def main() -> None:
         w.writerows(results)
     plot(results)
     print(table(results))
+    print(f"study wall time {time.perf_counter() - t_study:.0f} s")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import os
 import re
 import signal
 import socket
+import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -26,6 +28,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 from fedrnn.data import load_amazon
 from server.certs import make_node_key, make_tls
@@ -120,13 +127,14 @@ class Fleet:
         self.node_ids[name] = int(self.flwr_json("supernode", "register", str(pub), "fleet")["node-id"])
         return key
 
-    def start_node(self, name: str, key: Path, node_config: dict[str, str | int], *extra: str) -> subprocess.Popen:
+    def start_node(self, name: str, key: Path, node_config: dict[str, str | int], **env: str) -> subprocess.Popen:
+        """``clients/run_supernode.sh`` for device ``name`` (``env`` overrides the script's settings)."""
         home = self.tmp / name
         cfg = home / "node.toml"
         cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in node_config.items()))
-        return self.procs.start(name, ["bash", str(ROOT / "clients" / "run_supernode.sh"), *extra],
-                                SUPERLINK=f"127.0.0.1:{self.port}", CA=str(self.ca), KEY=str(key),
-                                NODE_CONFIG=str(cfg), RUNTIME_PORT=str(free_port()), FLWR_HOME=str(home / "flwr"))
+        settings = {"SUPERLINK": f"127.0.0.1:{self.port}", "CA": str(self.ca), "KEY": str(key), "NODE_CONFIG": str(cfg),
+                    "RUNTIME_PORT": str(free_port()), "FLWR_HOME": str(home / "flwr")}
+        return self.procs.start(name, ["bash", str(ROOT / "clients" / "run_supernode.sh")], **(settings | env))
 
     def online(self) -> set[int]:
         nodes = self.flwr_json("supernode", "list", "fleet").get("nodes", [])
@@ -257,6 +265,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 12 ClientApp processes (3 devices x train + evaluate x 2 rounds): 150 s on the busy test machine
 def test_two_rounds_on_three_authenticated_devices(fleet: Fleet, device_files: list[Path],
                                                    tiny_teacher: tuple[Path, dict]) -> None:
     teacher = tiny_teacher[0]
@@ -289,6 +298,12 @@ def test_unregistered_device_is_refused(fleet: Fleet, device_files: list[Path]) 
                                 FLWR_HOME=str(fleet.tmp / "keyless"))
     assert keyless.wait(timeout=START_S) != 0
     assert "All SuperNodes must be registered via the CLI" in fleet.procs.log("keyless")
+    # a registered device that does not trust the SuperLink's certificate never talks to it
+    key = fleet.register("mistrusting")
+    other_ca = make_tls(fleet.tmp / "other-ca").ca_cert
+    mistrusting = fleet.start_node("mistrusting", key, config, CA=str(other_ca))
+    assert mistrusting.wait(timeout=START_S) != 0
+    assert "certificate verify failed" in fleet.procs.log("mistrusting")
     assert fleet.online() == set()
 
 
@@ -316,8 +331,33 @@ def test_device_killed_mid_round(fleet: Fleet, device_files: list[Path], tiny_te
     wait_for("the victim to start training", training, RUN_S, 0.1)
     fleet.procs.kill(victim)
     fleet.finish_run(run)
+    assert re.search(r"round +1/2 .* failed 1 ", fleet.procs.log("flwr-run")), "the operator's log names the failure"
     got = rows(run_dir)
     assert [r["round"] for r in got] == [0, 1, 2]
     assert got[1]["failures"] == 1 and got[1]["trained"] == 2, got[1]
     # round 2 goes ahead with the two live devices (the dead one fails again if not yet timed out)
     assert got[2]["trained"] == 2 and got[2]["failures"] == len(got[2]["clients"]) - 2, got[2]
+
+
+def test_tls_files_chain_to_the_ca_and_name_the_hosts(tmp_path: Path) -> None:
+    files = make_tls(tmp_path, ["superlink.lan", "192.168.1.10"])
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"superlink.lan", "localhost"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"192.168.1.10", "127.0.0.1"}
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(files.server_cert, files.server_key)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (files.ca_key, files.server_key)} == {0o600}
+    with pytest.raises(ValueError, match="not a valid DNS name"):
+        make_tls(tmp_path / "bad", ["two words"])
+
+
+def test_node_key_is_what_flower_reads(tmp_path: Path) -> None:
+    private, public = make_node_key(tmp_path / "node_key")
+    key = serialization.load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert try_load_public_key(public) == public_key_to_bytes(key.public_key())  # what `flwr supernode register` sends
+    with pytest.raises(FileExistsError, match="device identity"):
+        make_node_key(private)

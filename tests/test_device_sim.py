@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedrnn.checkpoint import load_checkpoint
+from fedrnn.config import ConfigError, config_from_dict
 from fedrnn.device_sim import local_work
 from fedrnn.devices import Fleet
 from fedrnn.models import trainable_names
@@ -129,6 +131,27 @@ def test_local_work_matches_the_training_loop() -> None:
     assert local_work(40, 2, 32, 0) == (80, 4)  # two epochs of two batches (32 + 8), not ceil(80 / 32) = 3
     assert local_work(100, 1, 16, 3) == (48, 3)  # capped by max_steps x batch
     assert local_work(10, 1, 16, 5) == (10, 1)
+
+
+@pytest.mark.parametrize("devices, message", [
+    ({"mix": {"pi9": 1.0}}, "devices.mix.pi9 is not a device profile"),
+    ({"mix": {"rpi4": 0.5}}, "devices.mix fractions must sum to 1"),
+    ({"mix": {"rpi4": 1.0}, "network_mix": {"4g": 0.5, "5g": 0.5}}, "devices.network_mix.5g must be a network"),
+    ({"mix": {"rpi4": 1.0}, "network": "wifi", "network_mix": {"4g": 1.0}}, "needs at most one"),
+    ({"mix": {"rpi4": 1.0}, "availability": "weekends"}, "devices.availability must be"),
+    ({"mix": {"rpi4": 1.0}, "policy": "drop"}, "devices.deadline_s must be > 0 with policy 'drop'"),
+    ({"trace": "configs/fleets/missing.csv"}, "devices.trace: trace file configs/fleets/missing.csv does not exist"),
+])
+def test_bad_devices_config_is_named(devices: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"devices": {"enabled": True, **devices}})
+
+
+def test_bad_trace_row_is_named_at_config_time(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.csv"
+    bad.write_text(TRACE.read_text().replace("\n3,rpi3b+,,0.0405,24500000,", "\n3,rpi3b+,,0.0405,-1,"))
+    with pytest.raises(ConfigError, match=re.escape(f"devices.trace: {bad}: line 5: column 'down_bps' must be > 0")):
+        config_from_dict({"devices": {"enabled": True, "trace": str(bad)}})
 
 
 def test_pi_fleet_rows_carry_the_device_metrics(pi_run: Path, tiny_teacher: tuple[Path, dict]) -> None:

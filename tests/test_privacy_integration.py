@@ -249,7 +249,8 @@ def _ledger_reply(client: int, state: PrivacyState | None, trained: bool, exhaus
     meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id=f"m{client}",
                     group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
     content = RecordDict({"metrics": MetricRecord({"client-id": client, "dp-trained": float(trained),
-                                                   "dp-exhausted": float(exhausted)})})
+                                                   "dp-exhausted": float(exhausted),
+                                                   "dp-epsilon": epsilon(state) if state else 0.0})})
     if state is not None:
         content[REPLY_RECORD] = ConfigRecord(state.to_dict())
     return Message(content, metadata=meta)

@@ -11,10 +11,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.app.metadata import Metadata
 
 from fedrnn.attacks import AttackSimulation, attack_of, malicious_clients, poison_data, poison_update
-from fedrnn.config import AttackSection, ConfigError, FaultsSection, RobustSection, config_from_dict
+from fedrnn.config import STRATEGIES, AttackSection, ConfigError, FaultsSection, RobustSection, config_from_dict
 from fedrnn.deadline import ClientDeadlineExceeded, deadline_mod
 from fedrnn.faults import FaultInjection, InjectedFault, inject_fault
 from fedrnn.federation import reported_accuracy
+from fedrnn.strategies import make_strategy
 from fedrnn.tokenizer import Encoded
 from fedrnn.validation import Expected, ReplyRejected, ReplyValidator, check_reply, low_median
 from fedrnn.wire import to_record
@@ -147,6 +148,16 @@ def test_reported_accuracy_ignores_nonsense() -> None:
 
 
 # ---------------------------------------------------------------- Byzantine clients
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_builds(name: str) -> None:
+    """Robust rules included (MultiKrum once passed a keyword Flower does not have)."""
+    cfg = config_from_dict({"run": {"strategy": name, "clients_per_round": 10}, "server": {"krum_byzantine": 3}})
+    strategy = make_strategy(cfg)
+    assert type(strategy).__name__.lower() == name
+    if name == "multikrum":
+        assert strategy.num_nodes_to_select == 7 and strategy.num_malicious_nodes == 3
 
 
 def test_malicious_set_is_seeded_and_only_they_are_told() -> None:
