@@ -50,9 +50,9 @@ class AttackSimulation(RoundPlugin):
         return {c: {"attack": self.cfg.kind, "attack-scale": self.cfg.scale} for c in self.round_attackers}
 
     def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
-        # Called after the validator: how many of the selected attackers got through to aggregation.
+        # Called after the validator: how many selected attackers it let through to the aggregation rule.
         through = {self.fed.sent.get(r.metadata.reply_to_message_id) for r in replies} & set(self.round_attackers)
-        return replies, {"attackers": len(self.round_attackers), "attackers_aggregated": len(through)}
+        return replies, {"attackers": len(self.round_attackers), "attackers_accepted": len(through)}
 
 
 def attack_of(cfg: ConfigRecord) -> str:

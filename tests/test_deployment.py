@@ -36,6 +36,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 from fedrnn.data import load_amazon
 from server.certs import make_node_key, make_tls
+from server.server_app import app_file
 
 ROOT = Path(__file__).resolve().parent.parent
 START_S = 90  # a process must be up (or have failed) within this
@@ -361,3 +362,9 @@ def test_node_key_is_what_flower_reads(tmp_path: Path) -> None:
     assert try_load_public_key(public) == public_key_to_bytes(key.public_key())  # what `flwr supernode register` sends
     with pytest.raises(FileExistsError, match="device identity"):
         make_node_key(private)
+
+
+def test_relative_run_config_path_is_the_apps_own(tmp_path: Path) -> None:
+    # `flwr run` ships configs/ in the app bundle; the SuperLink's working directory is elsewhere
+    assert app_file("configs/tiny.toml") == ROOT / "configs" / "tiny.toml"
+    assert app_file(str(tmp_path / "mine.toml")) == tmp_path / "mine.toml"

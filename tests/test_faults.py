@@ -88,7 +88,7 @@ def test_scaled_updates_are_rejected_and_counted(tmp_path: Path, tiny_teacher: t
     attacked = [r for r in rows[1:] if r["attackers"]]
     assert attacked, "no attacker was sampled; pick another seed"
     for r in rows[1:]:
-        assert r["rejected"] == r["attackers"] and r["attackers_aggregated"] == 0
+        assert r["rejected"] == r["attackers"] and r["attackers_accepted"] == 0
         assert r["trained"] == 4 - r["attackers"]
         assert all("max_norm_ratio" in why for why in r["rejected_reasons"].values())
     assert "rejected the reply of client" in log
