@@ -46,7 +46,8 @@ def build_plugins(cfg: RunConfig) -> list[RoundPlugin]:
         plugins.append(AttackSimulation(cfg.attack))
     if cfg.faults.enabled:
         plugins.append(FaultInjection(cfg.faults))
-    if cfg.devices.enabled:
+    virtual = str(rc.get("placement", "devices")) == "virtual"
+    if cfg.devices.enabled and not virtual:
         plugins.append(DeviceSimulation(cfg.devices))
     if cfg.distill.enabled:  # last: it distils from the aggregate of the replies every other plugin accepted
         plugins.append(StudentDistillation(cfg.distill))
@@ -80,8 +81,11 @@ def app_file(value: str) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of ``flwr run``: every device is a SuperNode.
+    """Entry point of ``flwr run``.
 
+    ``placement = "devices"`` (default): every SuperNode is one real device with its own data.
+    ``placement = "virtual"``: a local simulation SuperLink (``flwr run . local``), whose nodes
+    run fedrnn's virtual clients exactly as ``python -m fedrnn.simulate`` does.
     Running it again with the same ``run-dir`` continues that run after its last completed round.
     """
     rc = context.run_config
@@ -90,14 +94,16 @@ def main(grid: Grid, context: Context) -> None:
     resuming = (run_dir.path / "state.json").is_file()
     if resuming:
         cfg = config_from_dict(run_dir.config())  # the run's own config, as --resume does
-    if cfg.devices.enabled:
+    virtual = str(rc.get("placement", "devices")) == "virtual"
+    if cfg.devices.enabled and not virtual:
         raise ConfigError(f"{rc.get('config')}: [devices] simulates a device fleet; on real SuperNodes the devices "
                           "are real, so set [devices] enabled = false (or leave the section out)")
     if not resuming:
         run_dir.create(cfg.to_dict())
     prepared = prepare_run(cfg, run_dir.path)
     min_nodes = int(rc.get("min-nodes", cfg.run.clients_per_round))
-    fed = Federation(cfg, prepared, make_strategy(cfg), DeviceNodes(min_nodes), build_plugins(cfg))
+    placement = VirtualClients() if virtual else DeviceNodes(min_nodes)
+    fed = Federation(cfg, prepared, make_strategy(cfg), placement, build_plugins(cfg))
     fed.on_round.append(round_printer(Console(), cfg.run.rounds))  # one line per round in `flwr log`
     totals = fed.run(grid)
     rows = run_dir.read_metrics()
