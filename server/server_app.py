@@ -46,8 +46,7 @@ def build_plugins(cfg: RunConfig) -> list[RoundPlugin]:
         plugins.append(AttackSimulation(cfg.attack))
     if cfg.faults.enabled:
         plugins.append(FaultInjection(cfg.faults))
-    virtual = str(rc.get("placement", "devices")) == "virtual"
-    if cfg.devices.enabled and not virtual:
+    if cfg.devices.enabled:
         plugins.append(DeviceSimulation(cfg.devices))
     if cfg.distill.enabled:  # last: it distils from the aggregate of the replies every other plugin accepted
         plugins.append(StudentDistillation(cfg.distill))

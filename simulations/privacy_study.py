@@ -54,8 +54,9 @@ EPSILONS = (1.0, 2.0, 4.0, 8.0)
 ALPHAS = (0.1, 1.0)
 LEVELS = ("record", "client")
 DELTA = 1e-5
-# An a-priori clip for client updates: a round of head-only Adam updates has norm ~0.05-0.2
-# here (the validator's update_norm_median). It is fixed, not tuned on the private runs.
+# The clip on a client's update, fixed a priori (not tuned on the private runs). Updates are
+# larger (the validator's update_norm_median), so all are clipped and C acts as the server's
+# step size: the averaged signal and the noise (sigma C / clients) both scale with it.
 CLIENT_CLIP = 0.1
 
 
