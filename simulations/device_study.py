@@ -141,8 +141,9 @@ def summarize(fleet: str, policy: str, rows: list[dict], gain: float) -> dict:
         "partial": sum(r["partial"] for r in trained), "dropouts": sum(r["dropouts"] for r in trained),
         "memory_adapted": sum(len(r["memory_adapted"]) for r in trained),
         "bytes_up_mb": sum(r["bytes_up"] for r in trained) / 1e6,
-        "worst_class_final": min((trained[-1][f"class_accuracy/{c}"], c) for c in classes) if classes else None,
-    }
+    } | dict(zip(("worst_class_accuracy", "worst_class"),
+                 min((trained[-1][f"class_accuracy/{c}"], c) for c in classes) if classes else (None, None),
+                 strict=True))
 
 
 def plot(curves: dict[tuple[str, str], list[dict]], summaries: list[dict], path: Path) -> None:
@@ -174,7 +175,7 @@ def table(summaries: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         ttt = None if s["time_to_target_h"] is None else s["time_to_target_h"] * 60
-        worst = f"{s['worst_class_final'][1]} {s['worst_class_final'][0]:.3f}" if s["worst_class_final"] else "-"
+        worst = f"{s['worst_class']} {s['worst_class_accuracy']:.3f}" if s["worst_class"] else "-"
         lines.append(
             f"| {s['fleet']} | {s['policy']} | {s['deadline_s'] or '-'} | {fmt(ttt, '.2f')} | "
             f"{s['round_reached'] or '-'} | {s['final_accuracy']:.3f} | {s['mean_round_s']:.1f} | "
