@@ -10,8 +10,9 @@ the run from ever shutting down. This Flower mod arms ``SIGALRM`` for the messag
 is free again. A deadline shorter than the server's timeout also ends the round early: the
 server gets the error reply instead of waiting for one that will never come.
 
-Signals only reach the main thread; where the ClientApp runs elsewhere the mod does nothing
-(Ray actors and Flower's ClientApp processes run jobs on their main thread).
+Signals only reach the main thread; where the ClientApp runs elsewhere, or on a platform
+without ``setitimer`` (Windows), the mod does nothing (Ray actors and Flower's ClientApp
+processes on Linux run jobs on their main thread).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class ClientDeadlineExceeded(TimeoutError):
 def deadline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run ``call_next`` under an alarm of ``deadline-s`` seconds (from the message config)."""
     seconds = float(msg.content["config"].get("deadline-s", 0)) if "config" in msg.content else 0.0
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+    if seconds <= 0 or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         return call_next(msg, context)
 
     def expire(signum: int, frame: FrameType | None) -> None:
