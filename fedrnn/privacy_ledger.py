@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 
@@ -110,6 +111,7 @@ def record_dp_train(model: SentimentRNN, data: Encoded, local: LocalTrainConfig,
     steps = planned_steps(n, b, epochs=local.epochs)
     steps = min(steps, local.max_steps) if local.max_steps else steps
     state = _client_state(cfg, state_file, n, b, steps)
+    torch.manual_seed(local.seed)  # dropout draws from torch's global generator; a worker serves many clients
     new, stats = train_dp(model, data, state, mode=str(cfg.get("train-mode", cfg["mode"])), batch_size=b,
                           lr=local.lr, rng=np.random.default_rng(local.seed), steps=steps,
                           proximal_mu=local.proximal_mu)

@@ -245,6 +245,19 @@ def test_simulated_client_calibrates_its_noise_to_the_planned_rounds(tmp_path: P
     assert not list(tmp_path.iterdir())
 
 
+def test_dp_round_is_reproducible_whatever_ran_before() -> None:
+    """Ray workers serve many clients in turn: a round must not depend on what the worker drew before."""
+    cfg = ConfigRecord({**record_dp_config(PrivacySection(record_level=True, noise_multiplier=1.0), 1, None),
+                        "mode": "fine-tune"})
+    outputs = []
+    for earlier_draws in (1, 5):
+        torch.manual_seed(0)
+        model = SentimentRNN(ModelConfig(vocab_size=60, embed_dim=8, hidden_size=8, num_layers=2, dropout=0.5))
+        torch.rand(earlier_draws)  # an earlier client's dropout on the same worker
+        outputs.append(record_dp_train(model, _data(), LOCAL, trainable_names(model, "fine-tune"), cfg, {})[0])
+    assert all(np.array_equal(outputs[0][n], outputs[1][n]) for n in outputs[0])
+
+
 def _ledger_reply(client: int, state: PrivacyState | None, trained: bool, exhausted: bool) -> Message:
     meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id=f"m{client}",
                     group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
