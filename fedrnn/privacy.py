@@ -50,6 +50,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -233,12 +234,14 @@ def calibrate_noise(target_epsilon: float, delta: float, rate: float, total_step
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     integer_orders = [a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()]
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=total_steps, accountant="rdp",
-            alphas=integer_orders,
+    with warnings.catch_warnings():  # the search starts at sigma = 20, whose best order is the largest: harmless
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=total_steps,
+                accountant="rdp", alphas=integer_orders,
+            )
         )
-    )
 
 
 def new_privacy_state(

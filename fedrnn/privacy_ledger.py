@@ -21,13 +21,15 @@ history ``[(sigma, sampling rate, steps), ...]``) travels with the work:
   belongs to the device's data, so it survives restarts, resumes and later runs; the noise,
   clip, delta and budget fixed when the file was created apply until it is deleted.
 
-A client's epsilon covers exactly the rounds it trained in (Opacus's RDP accountant over its
-history). With ``privacy.target_epsilon`` and no ``noise_multiplier``, each client calibrates
-its noise at its first round so that ``planned_rounds`` rounds just fit the budget. Before
-each round the client checks that the round would stay within its budget; if not it sends
-its received weights back untrained, and the ledger drops that reply (it is not an update),
-counts it, and never selects the client again. The ledger acts before the reply validator,
-so even an update the validator later rejects is accounted: it was released to the server.
+A client's epsilon covers exactly the rounds it trained in: Opacus's RDP accountant over its
+history, computed by the client (which reports it as ``dp-epsilon`` with the history) and
+recorded by the ledger. With ``privacy.target_epsilon`` and no ``noise_multiplier``, each
+client calibrates its noise at its first round so that ``planned_rounds`` rounds just fit the
+budget. Before each round the client checks that the round would stay within its budget; if
+not it sends its received weights back untrained, and the ledger drops that reply (it is not
+an update) and counts it. A client that reports its *next* round would not fit is never
+selected again. The ledger acts before the reply validator, so even an update the validator
+later rejects is accounted: it was released to the server.
 """
 
 from __future__ import annotations
