@@ -85,9 +85,10 @@ def part_default(tmp: Path) -> dict:
     }
 
 
-PLAIN = """
+PLAIN = f"""
 import json, sys
-from benchmarks.plain_flower import run_plain
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})  # a site-packages "benchmarks" package would shadow ours
+from plain_flower import run_plain
 cfg, rounds, per_round, clients = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 print("RESULT", json.dumps(run_plain(cfg, rounds, per_round, clients)))
 """
@@ -131,7 +132,7 @@ def part_plain(tmp: Path, rounds: int = 5) -> dict:
 
 def _target_path(run: Path) -> str:
     cache = Path(os.environ.get("FEDRNN_CACHE_DIR", ROOT / "cache")) / "target"
-    return str(max(cache.glob("amazon-*.npz"), key=lambda p: p.stat().st_mtime).resolve())
+    return str(next(cache.glob("amazon-*-ret500.npz")).resolve())  # plain_compare.toml keeps 500 retention
 
 
 def part_scale(tmp: Path) -> dict:
