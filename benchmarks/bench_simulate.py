@@ -5,7 +5,7 @@
 * ``default``: ``python -m fedrnn.simulate --clients 100`` (teacher cached): wall time
   (target <= 180 s) and simulation efficiency = clients' local training seconds / wall
   seconds (target >= 0.8).
-* ``plain``: the same training (100 clients, 10 per round, the default config's local work)
+* ``plain``: the same training (100 clients, 10 per round, 20 rounds, the default local work)
   on a plain Flower app with default client resources (``benchmarks/plain_flower.py``)
   against fedrnn; target: fedrnn >= 2x faster.
 * ``scale``: 100 vs 10,000 clients at 10 per round, identical work per sampled client
@@ -94,7 +94,7 @@ print("RESULT", json.dumps(run_plain(cfg, rounds, per_round, clients)))
 """
 
 
-def part_plain(tmp: Path, rounds: int = 5) -> dict:
+def part_plain(tmp: Path, rounds: int = 20) -> dict:
     fed_out = tmp / "fedrnn-plain-cmp"
     fed = simulate(
         fed_out,
@@ -111,7 +111,7 @@ def part_plain(tmp: Path, rounds: int = 5) -> dict:
         "partitions-path": str(fed_out / "partitions.npz"),
         "mode": "fine-tune",
         "lr": 1e-3,
-        "local-epochs": 2,
+        "local-epochs": 3,
         "batch-size": 16,
         "holdout-fraction": 0.2,
         "seed": 0,

@@ -118,8 +118,11 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[SentimentRNN, To
     tensors = load_tensors(d / WEIGHTS)
     # Shapes come from a model on the meta device (no memory): a config claiming a vocabulary of 10^12
     # is refused here instead of allocating terabytes.
-    with torch.device("meta"):
-        skeleton = SentimentRNN(model_cfg).state_dict()
+    try:
+        with torch.device("meta"):
+            skeleton = SentimentRNN(model_cfg).state_dict()
+    except (RuntimeError, OverflowError, TypeError) as e:  # e.g. sizes whose byte count overflows
+        raise CheckpointError(f"{d / CONFIG}: model config sizes are impossible ({e})") from e
     check_weights(skeleton, tensors, str(d / WEIGHTS))
     model = SentimentRNN(model_cfg)
     model.load_state_dict(tensors)

@@ -30,9 +30,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers", "num_classes"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"model.bidirectional must be true or false, got {self.bidirectional!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {self.pooling!r}")
