@@ -115,7 +115,8 @@ class ServerSection:
         _check(self.eval_every >= 1, "server.eval_every", "must be >= 1", self.eval_every)
         _check(self.retention_examples >= 0, "server.retention_examples", "must be >= 0", self.retention_examples)
         _check(self.target_test_examples >= 0, "server.target_test_examples", "must be >= 0", self.target_test_examples)
-        _check(0 <= self.fraction_evaluate <= 1, "server.fraction_evaluate", "must be in [0, 1]", self.fraction_evaluate)
+        _check(0 <= self.fraction_evaluate <= 1, "server.fraction_evaluate", "must be in [0, 1]",
+               self.fraction_evaluate)
         _check(self.timeout_s > 0, "server.timeout_s", "must be > 0", self.timeout_s)
         _check(0 <= self.trimmed_beta < 0.5, "server.trimmed_beta", "must be in [0, 0.5)", self.trimmed_beta)
         _check(self.krum_byzantine >= 0, "server.krum_byzantine", "must be >= 0", self.krum_byzantine)

@@ -35,7 +35,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"model.bidirectional must be true or false, got {self.bidirectional!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+        dropout_ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+        if not dropout_ok or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {self.pooling!r}")

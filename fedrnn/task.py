@@ -56,7 +56,9 @@ def _partitions(path: str) -> list[np.ndarray]:
     return load_partitions(path)
 
 
-def shard_data(target_path: str, partitions_path: str, client_id: int, holdout: float, seed: int) -> tuple[Encoded, Encoded]:
+def shard_data(
+    target_path: str, partitions_path: str, client_id: int, holdout: float, seed: int
+) -> tuple[Encoded, Encoded]:
     """A simulated client's local train and held-out data."""
     shards = _partitions(partitions_path)
     if not 0 <= client_id < len(shards):
@@ -102,7 +104,8 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig,
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits, labels)
         if cfg.proximal_mu > 0:
-            loss = loss + cfg.proximal_mu / 2 * sum(((p - a) ** 2).sum() for (_, p), a in zip(trainable, anchors, strict=True))
+            drift = sum(((p - a) ** 2).sum() for (_, p), a in zip(trainable, anchors, strict=True))
+            loss = loss + cfg.proximal_mu / 2 * drift
         return loss
 
     stats = train_steps(model, data, optimizer, cfg.batch_size, rng, max_steps=cfg.max_steps or None,

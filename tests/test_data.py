@@ -30,7 +30,7 @@ def test_imdb_counts(data_dir: Path) -> None:
         assert (r.labels == 0).sum() == 12_500 and (r.labels == 1).sum() == 12_500
         assert all("<br" not in t for t in r.texts[:2000])
     train = load_imdb("train", data_dir)
-    assert train.texts[int(np.flatnonzero((train.labels == 1))[0])].startswith("Bromwell High is a cartoon comedy.")
+    assert train.texts[int(np.flatnonzero(train.labels == 1)[0])].startswith("Bromwell High is a cartoon comedy.")
 
 
 def test_imdb_validation_is_split_by_movie(data_dir: Path) -> None:
