@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedrnn.config import dump_toml
+from fedrnn.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS: dict[str, dict[str, Any]] = {
     "float32": {},
@@ -49,10 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def toml_value(v: Any) -> str:
-    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-
 def write_config(path: Path, a: argparse.Namespace, compression: dict[str, Any]) -> None:
     sections = {
         "run": {"clients": a.clients, "rounds": a.rounds, "clients_per_round": a.clients_per_round,
@@ -62,12 +61,11 @@ def write_config(path: Path, a: argparse.Namespace, compression: dict[str, Any])
         "simulation": {"actors": 2, "threads_per_actor": 1},
         "compression": compression,
     }
-    path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
-                            for name, values in sections.items() if values))
+    path.write_text(dump_toml({name: values for name, values in sections.items() if values}))
 
 
 def summarize(run: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(run).read_metrics()
     rounds = [r for r in rows if r["round"] >= 1]
     return {
         "target_accuracy_final": rounds[-1]["target_accuracy"],

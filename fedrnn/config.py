@@ -7,6 +7,7 @@ what was wrong, so a typo in a 40-line config never surfaces as a stack trace mi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import reprlib
 import tomllib
@@ -417,6 +418,21 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
             raise ConfigError(f"[{section}] must be a table of key = value pairs, got {_show(values)}")
         _apply(getattr(cfg, section), section, values)
     return cfg.validate()
+
+
+def dump_toml(data: dict[str, dict[str, Any]]) -> str:
+    """TOML text of ``{section: {key: value}}``, the inverse of what ``load_config`` reads.
+
+    Values are numbers, strings, booleans, lists of those, or flat tables (written inline,
+    as ``mix = { rpi4 = 0.5 }``); JSON's spelling of these is valid TOML.
+    """
+
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(str(k))} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
+    return "".join(f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n" for s, kv in data.items())
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -4,12 +4,10 @@ and source retention on a fixed IMDB test subset."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fedrnn.models import SentimentRNN
 from fedrnn.target import TargetData
-from fedrnn.tokenizer import Encoded
-from fedrnn.training import predict_logits
+from fedrnn.training import predict_logits, scores
 
 AMAZON_GROUPS_MAX = 8  # per-group metrics only where groups are few (categories, not movies)
 
@@ -24,21 +22,15 @@ class ServerEvaluator:
         uniq = np.unique(groups)
         self.group_names = list(uniq) if len(uniq) <= AMAZON_GROUPS_MAX else []
 
-    @staticmethod
-    def _scores(logits: torch.Tensor, data: Encoded) -> tuple[float, float]:
-        labels = torch.from_numpy(data.labels.astype(np.int64))
-        loss = float(torch.nn.functional.cross_entropy(logits, labels))
-        return loss, float((logits.argmax(1) == labels).float().mean())
-
     def __call__(self, model: SentimentRNN) -> dict[str, float]:
         logits = predict_logits(model, self.test)
-        loss, acc = self._scores(logits, self.test)
-        out = {"target_loss": loss, "target_accuracy": acc}
+        target = scores(logits, self.test)
+        out = {"target_loss": target["loss"], "target_accuracy": target["accuracy"]}
         pred = logits.argmax(1).numpy()
         for g in self.group_names:
             mask = self.groups == g
             out[f"target_accuracy/{g}"] = float((pred[mask] == self.test.labels[mask]).mean())
         if len(self.retention):
-            rl, ra = self._scores(predict_logits(model, self.retention), self.retention)
-            out |= {"retention_loss": rl, "retention_accuracy": ra}
+            kept = scores(predict_logits(model, self.retention), self.retention)
+            out |= {"retention_loss": kept["loss"], "retention_accuracy": kept["accuracy"]}
         return out

@@ -25,9 +25,11 @@ def cache_dir() -> Path:
 
 
 def ensure_teacher(cfg: RunConfig, console: Console) -> str:
-    """The configured teacher, or the cached default one (pretrained now if missing)."""
+    """The configured teacher, or the cached default one (pretrained now if missing).
+
+    ``prepare_run`` loads it right away, so a bad checkpoint fails there, not inside a client.
+    """
     if cfg.run.teacher:
-        load_checkpoint(cfg.run.teacher)  # fail now, with a clear error, not inside a client
         return str(Path(cfg.run.teacher).resolve())
     path = cache_dir() / "teacher"
     if not (path / "model.safetensors").is_file():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,15 +107,14 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 256) -> dict[str
     """Loss and accuracy; an empty set gives NaN loss and accuracy rather than a crash."""
     if len(data) == 0:
         return {"loss": math.nan, "accuracy": math.nan, "examples": 0}
-    logits = predict_logits(model, data, batch_size)
+    return scores(predict_logits(model, data, batch_size), data) | {"examples": len(data)}
+
+
+def scores(logits: torch.Tensor, data: Encoded) -> dict[str, float]:
+    """Cross-entropy and accuracy of ``logits`` against ``data``'s labels."""
     labels = torch.from_numpy(data.labels.astype(np.int64))
     return {
         "loss": float(F.cross_entropy(logits, labels)),
         "accuracy": float((logits.argmax(1) == labels).float().mean()),
-        "examples": len(data),
     }
 
-
-def iterate_minibatches(data: Encoded, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    for index in length_bucketed_batches(data.lengths, batch_size, None):
-        yield to_tensors(data, index)

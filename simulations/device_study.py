@@ -40,9 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedrnn.checkpoint import load_checkpoint  # noqa: E402
+from fedrnn.config import dump_toml  # noqa: E402
 from fedrnn.devices import measure_host_throughput  # noqa: E402
 from fedrnn.plots import plt  # noqa: E402  (Agg backend already chosen)
 from fedrnn.prepare import cache_dir  # noqa: E402
+from fedrnn.rundir import RunDir  # noqa: E402
 from fedrnn.target import load_target, prepare_target  # noqa: E402
 from fedrnn.task import build_model, load_base  # noqa: E402
 
@@ -56,19 +58,6 @@ FLEETS = {
     "trace": {"trace": str(ROOT / "configs" / "fleets" / "example_trace.csv"), "deadline_s": 4.0},
 }
 RUN_OVERRIDES = {"trace": {"clients": 10, "clients_per_round": 5, "data_fraction": 0.1}}
-
-
-def toml_of(cfg: dict) -> str:
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            if isinstance(v, dict):
-                v = "{ " + ", ".join(f"{json.dumps(a)} = {json.dumps(b)}" for a, b in v.items()) + " }"
-            else:
-                v = json.dumps(v)
-            lines.append(f"{k} = {v}")
-    return "\n".join(lines) + "\n"
 
 
 def host_throughput(teacher: str, retention: int) -> tuple[float, int]:
@@ -104,7 +93,7 @@ def run(name: str, cfg: dict, work: Path) -> list[dict]:
     out = work / name
     if not (out / "summary.json").is_file():
         work.mkdir(parents=True, exist_ok=True)
-        (work / f"{name}.toml").write_text(toml_of(cfg))
+        (work / f"{name}.toml").write_text(dump_toml(cfg))
         args = ["--resume", str(out)] if (out / "state.json").is_file() else [
             "--config", str(work / f"{name}.toml"), "--out", str(out)]
         t0 = time.perf_counter()
@@ -113,7 +102,7 @@ def run(name: str, cfg: dict, work: Path) -> list[dict]:
         if r.returncode != 0:
             raise SystemExit(f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         print(f"{name}: {time.perf_counter() - t0:.0f} s wall", flush=True)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(out).read_metrics()
 
 
 def time_to_target(rows: list[dict], target: float) -> tuple[float | None, int | None]:

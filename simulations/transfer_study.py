@@ -31,7 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedrnn.config import dump_toml  # noqa: E402
 from fedrnn.partitions import load_partitions, split_holdout  # noqa: E402
+from fedrnn.rundir import RunDir  # noqa: E402
 from fedrnn.target import load_target  # noqa: E402
 from fedrnn.task import LocalTrainConfig, build_model, load_base, local_train  # noqa: E402
 from fedrnn.training import evaluate  # noqa: E402
@@ -39,18 +41,10 @@ from fedrnn.training import evaluate  # noqa: E402
 RESULTS = ROOT / "simulations" / "results"
 
 
-def toml_of(cfg: dict) -> str:
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
 def run_variant(name: str, cfg: dict, work: Path) -> list[dict]:
     out = work / name
     if not (out / "summary.json").is_file():
-        (work / f"{name}.toml").write_text(toml_of(cfg))
+        (work / f"{name}.toml").write_text(dump_toml(cfg))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         r = subprocess.run(
             [sys.executable, "-m", "fedrnn.simulate", "--config", str(work / f"{name}.toml"), "--out", str(out)],
@@ -61,7 +55,7 @@ def run_variant(name: str, cfg: dict, work: Path) -> list[dict]:
         )
         if r.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(out).read_metrics()
 
 
 def centralised(run: Path, cfg: dict, epochs: int) -> float:

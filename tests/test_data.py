@@ -69,16 +69,20 @@ def _mini_aclimdb(root: Path) -> None:
     (root / "aclImdb" / "train" / "urls_unsup.txt").write_text("http://www.imdb.com/title/tt9999999/usercomments\n")
 
 
+def _release(src: Path, folder: str, archive: str) -> Path:
+    """Pack ``src/folder`` as the official ``archive`` in a download folder, as a user gets it."""
+    where = src.parent / "dl"
+    where.mkdir()
+    with tarfile.open(where / archive, "w:gz") as tar:
+        tar.add(src / folder, arcname=folder)
+    return where
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_official_imdb_release(tmp_path: Path, packed: bool) -> None:
     src = tmp_path / "src"
     _mini_aclimdb(src)
-    where = src
-    if packed:
-        where = tmp_path / "dl"
-        where.mkdir()
-        with tarfile.open(where / "aclImdb_v1.tar.gz", "w:gz") as tar:
-            tar.add(src / "aclImdb", arcname="aclImdb")
+    where = _release(src, "aclImdb", "aclImdb_v1.tar.gz") if packed else src
     train = load_imdb("train", where)
     assert len(train) == 6 and sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert train.texts[0] == "train neg review 0 second line"
@@ -116,12 +120,7 @@ def test_official_amazon_release(tmp_path: Path, packed: bool) -> None:
         d.mkdir(parents=True)
         (d / "positive.review").write_text("".join(REVIEW_XML.format(i=i, rating=5) for i in range(2)))
         (d / "negative.review").write_text("".join(REVIEW_XML.format(i=i, rating=1) for i in range(3)))
-    where = src
-    if packed:
-        where = tmp_path / "dl"
-        where.mkdir()
-        with tarfile.open(where / "domain_sentiment_data.tar.gz", "w:gz") as tar:
-            tar.add(src / "sorted_data_acl", arcname="sorted_data_acl")
+    where = _release(src, "sorted_data_acl", "domain_sentiment_data.tar.gz") if packed else src
     r = load_amazon(where)
     assert len(r) == 20
     assert sorted(set(r.groups)) == sorted(AMAZON_CATEGORIES)

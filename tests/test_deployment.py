@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from processes import free_port, stop_tree, tree
 
 from fedrnn.data import load_amazon
 from server.certs import make_node_key, make_tls
@@ -41,12 +41,6 @@ from server.server_app import app_file
 ROOT = Path(__file__).resolve().parent.parent
 START_S = 90  # a process must be up (or have failed) within this
 RUN_S = 420  # a whole run on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float, interval: float = 0.2) -> None:
@@ -75,27 +69,8 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
-    @staticmethod
-    def tree(proc: subprocess.Popen) -> list[psutil.Process]:
-        """The process and its descendants (the SuperLink's SuperExec runs in its own session)."""
-        try:
-            root = psutil.Process(proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
-        procs = self.tree(self.started[name])
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=5)
-        self.started[name].wait(timeout=5)
+        stop_tree(self.started[name], sig, grace_s=15)
 
     def stop_all(self) -> None:
         for name in reversed(list(self.started)):
@@ -321,7 +296,7 @@ def test_device_killed_mid_round(fleet: Fleet, device_files: list[Path], tiny_te
     victim = names[-1]
 
     def training() -> bool:  # the victim's SuperNode has started a ClientApp process for round 1
-        for p in Processes.tree(fleet.procs.started[victim]):
+        for p in tree(fleet.procs.started[victim]):
             try:
                 if any("flwr-clientapp" in part for part in p.cmdline()):
                     return True

@@ -17,16 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from fedrnn.config import dump_toml
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 420
-
-
-def _toml(data: dict[str, dict]) -> str:
-    """TOML text of flat sections (numbers, strings, booleans, lists of numbers): all a test config needs."""
-    def value(v: object) -> str:
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-    return "".join(f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) for s, kv in data.items())
 
 
 def _simulate(tmp_path: Path, teacher: Path, changes: dict[str, dict], *extra: str) -> tuple[list[dict], float, str]:
@@ -35,7 +29,7 @@ def _simulate(tmp_path: Path, teacher: Path, changes: dict[str, dict], *extra: s
     for section, values in changes.items():
         data.setdefault(section, {}).update(values)
     cfg = tmp_path / "run.toml"
-    cfg.write_text(_toml(data))
+    cfg.write_text(dump_toml(data))
     out = tmp_path / "run"
     env = {**os.environ, "FEDRNN_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()

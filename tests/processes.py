@@ -1,0 +1,40 @@
+"""Helpers for tests that start real processes: free loopback ports, and ending what they start by PID."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+import psutil
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The process and its descendants (those that left its session included)."""
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_tree(proc: subprocess.Popen, sig: signal.Signals = signal.SIGTERM, grace_s: float = 20) -> None:
+    """Send ``sig`` to the process and its descendants by PID; SIGKILL what is left after ``grace_s``."""
+    procs = tree(proc)
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    proc.wait(timeout=5)
