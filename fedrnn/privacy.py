@@ -57,9 +57,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.nn import functional as F
 
@@ -200,15 +197,26 @@ def _step_rdp(noise_multiplier: float, rate: float) -> np.ndarray:
     and a client's rounds repeat the same (sigma, q); RDP is linear in steps, so the sum below
     is exactly what ``RDPAccountant.get_epsilon`` computes for the same history.
     """
-    return rdp_analysis.compute_rdp(q=rate, noise_multiplier=noise_multiplier, steps=1,
-                                    orders=RDPAccountant.DEFAULT_ALPHAS)
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    return rdp_analysis.compute_rdp(q=rate, noise_multiplier=noise_multiplier, steps=1, orders=_rdp_orders())
+
+
+def _rdp_orders() -> list[float]:
+    """Opacus's RDP orders. Opacus is imported only when privacy is used: it takes ~1.2 s to
+    import, which every simulation worker and the server would otherwise pay at start-up."""
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant.DEFAULT_ALPHAS
 
 
 def _rdp_epsilon(history: list[Entry], delta: float) -> float:
     if not history:
         return 0.0
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = sum(_step_rdp(sigma, q) * steps for sigma, q, steps in history)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=_rdp_orders(), rdp=rdp, delta=delta)
     return float(eps)
 
 
@@ -231,9 +239,11 @@ def calibrate_noise(target_epsilon: float, delta: float, rate: float, total_step
     calibrates once, on a device), and safe, since the accountant's epsilon (a minimum over
     more orders) can only be lower than the one the noise was calibrated for.
     """
+    from opacus.accountants.utils import get_noise_multiplier
+
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    integer_orders = [a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()]
+    integer_orders = [a for a in _rdp_orders() if float(a).is_integer()]
     with warnings.catch_warnings():  # the search starts at sigma = 20, whose best order is the largest: harmless
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,42 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1}, "init_args": init}
 
 
+def start_ray(cfg: RunConfig, verbose: bool = False) -> None:
+    """Start (or attach to) Ray now, as Flower's Ray backend would, so its start-up overlaps ours.
+
+    Flower initialises Ray only once the ServerApp is running and its workers import the
+    ClientApp only on their first job; both sat on the critical path of round 1. Started here,
+    Ray comes up while the run is prepared, and each worker process imports the ClientApp
+    (torch, Flower, fedrnn) as it starts (``preload_client_app``), before any job reaches it.
+    Flower then finds Ray initialised and uses it; ``backend_config`` stays the source of the
+    resources. The runtime env carries this process's import path, as Flower's does.
+
+    A local Ray (no ``ray_address``) listens on the loopback interface only: on Linux Ray would
+    otherwise serve its unauthenticated ports on the machine's network address. Ray reads that
+    switch when it is first imported, so call this before anything imports ``ray``.
+    """
+    if not cfg.simulation.ray_address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for loopback-only nodes
+    import ray
+
+    if ray.is_initialized():
+        return
+    init = dict(backend_config(cfg)["init_args"])
+    if not verbose:
+        init |= {"logging_level": logging.ERROR, "log_to_driver": False}
+    path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(
+        runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": preload_client_app},
+        include_dashboard=False,
+        **init,
+    )
+
+
+def preload_client_app() -> None:
+    """Ray worker start-up hook: import the ClientApp's modules before the first job needs them."""
+    import clients.client_app  # noqa: F401
+
+
 def round_printer(console: Console, rounds: int):
     def show(row: dict[str, Any]) -> None:
         def f(key: str) -> str:
@@ -105,14 +144,12 @@ def run_simulation_for(cfg: RunConfig, prepared: Prepared, console: Console, ver
         logging.getLogger("flwr").setLevel(logging.WARNING)
     summary: dict[str, Any] = {}
     server_app = make_server_app(cfg, prepared, summary, [round_printer(console, cfg.run.rounds)], console)
-    backend = backend_config(cfg)
-    if not verbose:
-        backend["init_args"] |= {"logging_level": logging.ERROR, "log_to_driver": False}
+    start_ray(cfg, verbose)  # a no-op when main() has started it already
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=max(cfg.run.clients_per_round, cfg.simulation.actors),
-        backend_config=backend,
+        backend_config=backend_config(cfg),
     )
     if not summary:
         raise RuntimeError("the simulation ended without completing the run; see the log above")
@@ -137,7 +174,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{rd.path} already holds a run; use --resume {rd.path} or another --out")
         rd.create(cfg.to_dict())
     t0 = time.perf_counter()
-    prepared = prepare_run(cfg, rd.path, console)
+    with ThreadPoolExecutor(1) as pool:  # prepare the run's files while Ray starts
+        preparing = pool.submit(prepare_run, cfg, rd.path, console)
+        start_ray(cfg, a.verbose)
+        prepared = preparing.result()
     totals = run_simulation_for(cfg, prepared, console, a.verbose)
     wall = time.perf_counter() - t0
     rows = rd.read_metrics()

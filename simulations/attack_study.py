@@ -36,7 +36,7 @@ from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
 from fedrnn.federation import Federation, Prepared, VirtualClients  # noqa: E402
 from fedrnn.prepare import prepare_run  # noqa: E402
 from fedrnn.rundir import RunDir  # noqa: E402
-from fedrnn.simulate import backend_config  # noqa: E402
+from fedrnn.simulate import backend_config, start_ray  # noqa: E402
 from fedrnn.strategies import make_strategy  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
@@ -106,9 +106,8 @@ def run_arms(arms: list[Arm], configs: dict[Arm, RunConfig], work: Path) -> None
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     cfg0 = configs[todo[0]]
-    backend = backend_config(cfg0)
-    backend["init_args"] |= {"logging_level": logging.ERROR, "log_to_driver": False}
-    run_simulation(server_app=server, client_app=client_app, backend_config=backend,
+    start_ray(cfg0)
+    run_simulation(server_app=server, client_app=client_app, backend_config=backend_config(cfg0),
                    num_supernodes=max(cfg0.run.clients_per_round, cfg0.simulation.actors))
     missing = [arm.name for arm in todo if not (work / arm.name / "done").is_file()]
     if missing:

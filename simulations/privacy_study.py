@@ -46,7 +46,7 @@ from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
 from fedrnn.federation import Federation, VirtualClients  # noqa: E402
 from fedrnn.prepare import prepare_run  # noqa: E402
 from fedrnn.rundir import RunDir  # noqa: E402
-from fedrnn.simulate import backend_config  # noqa: E402
+from fedrnn.simulate import backend_config, start_ray  # noqa: E402
 from fedrnn.strategies import make_strategy  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
@@ -107,10 +107,9 @@ def run_batch(runs: dict[str, RunConfig], work: Path) -> dict[str, float]:
 
     first = next(iter(todo.values()))
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    backend = backend_config(first)
-    backend["init_args"] |= {"logging_level": logging.ERROR, "log_to_driver": False}
-    run_simulation(server_app=app, client_app=client_app,
-                   num_supernodes=max(first.run.clients_per_round, first.simulation.actors), backend_config=backend)
+    start_ray(first)
+    run_simulation(server_app=app, client_app=client_app, backend_config=backend_config(first),
+                   num_supernodes=max(first.run.clients_per_round, first.simulation.actors))
     if set(seconds) != set(todo):
         raise RuntimeError(f"runs {sorted(set(todo) - set(seconds))} did not finish; see the log above")
     return seconds
