@@ -20,8 +20,11 @@ from typing import Any
 
 from rich.console import Console
 
+from fedrnn.checkpoint import CheckpointError, write_json
 from fedrnn.config import STRATEGIES, ConfigError, RunConfig, config_from_dict, load_config
+from fedrnn.data import DataError
 from fedrnn.federation import Prepared
+from fedrnn.partitions import PartitionError
 from fedrnn.plots import plot_run
 from fedrnn.prepare import prepare_run
 from fedrnn.rundir import RunDir
@@ -96,6 +99,7 @@ def start_ray(cfg: RunConfig, verbose: bool = False) -> None:
     """
     if not cfg.simulation.ray_address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's switch for loopback-only nodes
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future default; silences its warning
     import ray
 
     if ray.is_initialized():
@@ -177,7 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with ThreadPoolExecutor(1) as pool:  # prepare the run's files while Ray starts
         preparing = pool.submit(prepare_run, cfg, rd.path, console)
         start_ray(cfg, a.verbose)
-        prepared = preparing.result()
+        try:
+            prepared = preparing.result()
+        except (DataError, CheckpointError, PartitionError) as e:  # bad input: say what, not a traceback
+            raise SystemExit(f"error: {e}") from None
     totals = run_simulation_for(cfg, prepared, console, a.verbose)
     wall = time.perf_counter() - t0
     rows = rd.read_metrics()
@@ -188,8 +195,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "simulation_efficiency": totals["client_train_seconds"] / max(totals["wall_seconds"], 1e-9),
         **totals,
     }
-    from fedrnn.checkpoint import write_json
-
     write_json(rd.path / "summary.json", summary)
     plot_run(rows, rd.path)
     if any("sim_time_h" in r for r in rows):  # a device-fleet run: accuracy against simulated wall-clock time

@@ -162,3 +162,18 @@ def test_bad_config_value_is_named(tmp_path: Path, tiny_teacher: tuple[Path, dic
         timeout=120,
     )
     assert r.returncode != 0 and "run.alpha" in r.stderr
+
+
+def test_missing_data_dir_is_named(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
+    """Bad input found while preparing (here: no data) ends the run with one line naming it, not a traceback."""
+    r = subprocess.run(
+        _cmd(tmp_path / "x", tiny_teacher[0]),
+        env={**_env(tmp_path / "cache"), "FEDRNN_DATA_DIR": str(tmp_path / "no-data")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert f"error: data directory {tmp_path / 'no-data'} (from $FEDRNN_DATA_DIR) does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
