@@ -21,7 +21,7 @@ from fedrnn.devices import NETWORKS, PROFILES, DeviceError, load_trace
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
 from fedrnn.models import CELLS, TRANSFER_MODES
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 TARGETS = ("amazon", "imdb")
 DEADLINE_POLICIES = ("drop", "partial", "wait")
 WIRE_DTYPES = ("float32", "int8")
@@ -103,6 +103,7 @@ class ClientSection:
 @dataclass
 class ServerSection:
     server_lr: float = 0.01  # FedAdam/FedYogi eta
+    server_momentum: float = 0.9  # FedAvgM (bias-corrected, see fedrnn.strategies.AveragedFedAvgM)
     eval_every: int = 1
     retention_examples: int = 500  # fixed IMDB test subset for source retention
     target_test_examples: int = 0  # 0 = the whole target test split
@@ -113,6 +114,7 @@ class ServerSection:
 
     def validate(self) -> None:
         _check(self.server_lr > 0, "server.server_lr", "must be > 0", self.server_lr)
+        _check(0 <= self.server_momentum < 1, "server.server_momentum", "must be in [0, 1)", self.server_momentum)
         _check(self.eval_every >= 1, "server.eval_every", "must be >= 1", self.eval_every)
         _check(self.retention_examples >= 0, "server.retention_examples", "must be >= 0", self.retention_examples)
         _check(self.target_test_examples >= 0, "server.target_test_examples", "must be >= 0", self.target_test_examples)

@@ -254,8 +254,9 @@ class Federation:
         def part(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
 
-        arrays = part("global/")
-        load_strategy_state(self.strategy, part("strategy/"))
+        saved_global = part("global/")
+        arrays = {k: saved_global[k] for k in arrays}  # the run's tensor order, whatever order the file keeps
+        load_strategy_state(self.strategy, part("strategy/"), list(arrays))
         for plugin in self.plugins:
             plugin.load_state(state.get("plugins", {}).get(plugin.name, {}), part(f"plugin/{plugin.name}/"))
         last = int(state["round"])

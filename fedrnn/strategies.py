@@ -7,10 +7,15 @@ strategies still do what they are for: configuring messages and aggregating repl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -37,6 +42,8 @@ def make_strategy(cfg: RunConfig) -> Strategy:
         return ClientLevelDP(inner, cfg)
     if name == "fedavg":
         return FedAvg(**common)
+    if name == "fedavgm":
+        return AveragedFedAvgM(**common, server_momentum=cfg.server.server_momentum)
     if name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.client.proximal_mu)
     if name == "fedadam":
@@ -55,22 +62,53 @@ def make_strategy(cfg: RunConfig) -> Strategy:
     raise ValueError(f"run.strategy {name!r} unknown")
 
 
+class AveragedFedAvgM(FedAvgM):
+    """Flower's FedAvgM stepping by the bias-corrected average of recent pseudo-gradients.
+
+    FedAvgM's momentum ``m_t = beta m_{t-1} + g_t`` at learning rate 1 steps up to 1/(1 - beta)
+    times FedAvg's; at 1 - beta it starts at a tenth of it (beta = 0.9) and needs ~10 rounds to
+    catch up. Scaling by (1 - beta) / (1 - beta^t), as Adam corrects its first moment, steps
+    exactly as FedAvg in round 1 and afterwards by an average over about 1/(1 - beta) rounds:
+    the same step size, with the round-to-round swings of non-IID client samples smoothed out.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, Any]:
+        beta = self.server_momentum
+        self.server_learning_rate = (1 - beta) / (1 - beta**server_round) if beta else 1.0
+        return super().aggregate_train(server_round, replies)
+
+
 _STATE_ATTRS = ("current_arrays", "m_t", "v_t")
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """Server-optimizer state (FedAdam/FedYogi moments) as flat named arrays."""
+    """Server-optimizer state (FedAdam/FedYogi moments, FedAvgM's momentum) as flat named arrays."""
     out: dict[str, np.ndarray] = {}
     for attr in _STATE_ATTRS:
         value = getattr(strategy, attr, None)
-        if value:
+        if isinstance(value, ArrayRecord):  # FedAvgM's weights
+            out |= {f"{attr}/{k}": v.numpy() for k, v in value.items()}
+        elif value:
             out |= {f"{attr}/{k}": np.asarray(v) for k, v in value.items()}
+    momentum = getattr(strategy, "momentum_vector", None)
+    if momentum is not None:  # FedAvgM keeps it as a list in its weights' order: saved by tensor name
+        out |= {f"momentum_vector/{k}": np.asarray(v) for k, v in zip(strategy.current_arrays, momentum, strict=True)}
     return out
 
 
-def load_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
+def load_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray], order: list[str]) -> None:
+    """Restore ``strategy_state``. ``order``: the round loop's tensor names in the order its
+    records carry them; FedAvgM pairs its weights and momentum with a reply's tensors by position."""
+
+    def part(attr: str) -> dict[str, np.ndarray]:
+        return {k[len(attr) + 1 :]: v for k, v in arrays.items() if k.startswith(f"{attr}/")}
+
     for attr in _STATE_ATTRS:
-        prefix = f"{attr}/"
-        value = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-        if value:
+        value = part(attr)
+        if value and attr == "current_arrays" and isinstance(strategy, FedAvgM):
+            strategy.current_arrays = ArrayRecord({k: Array.from_numpy_ndarray(value[k]) for k in order})
+        elif value:
             setattr(strategy, attr, value)
+    momentum = part("momentum_vector")
+    if momentum:
+        strategy.momentum_vector = [momentum[k] for k in order]

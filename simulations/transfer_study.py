@@ -16,7 +16,7 @@ Writes simulations/results/transfer_study.csv and .png and prints a markdown tab
     python simulations/transfer_study.py --part noniid [--seeds 0 1 2]
 
 The hardest split, alpha = 0.1, over several seeds (one seed's 1,600 test reviews put about a
-point of noise on each accuracy): each transfer mode with FedAvg and FedProx, against
+point of noise on each accuracy): each transfer mode with FedAvg and FedAvgM, against
 centralised training in the same mode on the same seed's pooled client data. Writes
 simulations/results/transfer_noniid.csv and prints the gap to centralised, mean and spread.
 """
@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--part", choices=["grid", "noniid"], default="grid")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noniid part")
-    p.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox"], help="noniid part")
+    p.add_argument("--strategies", nargs="+", default=["fedavg", "fedavgm"], help="noniid part")
     p.add_argument("--work", default="runs/transfer_study")
     a = p.parse_args()
     work = Path(a.work)

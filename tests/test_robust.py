@@ -155,7 +155,8 @@ def test_every_strategy_builds(name: str) -> None:
     """Robust rules included (MultiKrum once passed a keyword Flower does not have)."""
     cfg = config_from_dict({"run": {"strategy": name, "clients_per_round": 10}, "server": {"krum_byzantine": 3}})
     strategy = make_strategy(cfg)
-    assert type(strategy).__name__.lower() == name
+    flower_class = next(c for c in type(strategy).__mro__ if c.__module__.startswith("flwr."))
+    assert flower_class.__name__.lower() == name  # Flower's own strategy, or fedrnn's thin subclass of it
     if name == "multikrum":
         assert strategy.num_nodes_to_select == 7 and strategy.num_malicious_nodes == 3
 
