@@ -6,6 +6,7 @@ so a checkpoint from a stranger cannot run code. Every failure names the file an
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,18 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, p)
+
+
+def write_csv(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """A study's result rows as CSV (columns from the first row), written atomically like ``write_json``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
     os.replace(tmp, p)
 
 

@@ -107,7 +107,7 @@ def _wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
         time.sleep(0.2)
 
 
-class _OneNode:
+class OneNodeGrid:
     """A stand-in Grid offering the strategy a single node, so it builds one message we copy."""
 
     def __init__(self, node: int) -> None:
@@ -233,7 +233,7 @@ class Federation:
         wire = record if encoded or self.codec is None else to_record(self.codec.encode_down(arrays, rnd, message_type))
         extra: dict[str, Any] = {}
         if message_type == MessageType.TRAIN:
-            proto = list(self.strategy.configure_train(rnd, record, ConfigRecord(), _OneNode(nodes[0])))
+            proto = list(self.strategy.configure_train(rnd, record, ConfigRecord(), OneNodeGrid(nodes[0])))
             extra = dict(proto[0].content["config"]) if proto else {}
         msgs = []
         for client, node in zip(clients, nodes, strict=True):

@@ -22,7 +22,6 @@ Results: simulations/results/attack_study.{csv,png} and a markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedrnn.checkpoint import write_csv  # noqa: E402
 from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
 from fedrnn.federation import Federation, Prepared, VirtualClients  # noqa: E402
 from fedrnn.prepare import prepare_run  # noqa: E402
@@ -188,11 +188,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run_arms(arms, configs, work)
     results = [summarize(arm, work) for arm in arms]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "attack_study.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]))
-        w.writeheader()
-        w.writerows(results)
+    write_csv(RESULTS / "attack_study.csv", results)
     plot(results, RESULTS / "attack_study.png")
     print(table(results))
     print(f"\n{len(arms)} arms, {time.perf_counter() - t0:.0f} s; results in {RESULTS / 'attack_study.csv'}")

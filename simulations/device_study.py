@@ -24,7 +24,6 @@ Writes ``simulations/results/device_study.csv`` (one row per run), ``device_stud
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedrnn.checkpoint import load_checkpoint  # noqa: E402
+from fedrnn.checkpoint import load_checkpoint, write_csv  # noqa: E402
 from fedrnn.config import dump_toml  # noqa: E402
 from fedrnn.devices import measure_host_throughput  # noqa: E402
 from fedrnn.plots import plt  # noqa: E402  (Agg backend already chosen)
@@ -199,21 +198,16 @@ def main() -> None:
             rows = run(f"{fleet}-{policy}", config_for(fleet, policy, a, host_sps), Path(a.work))
             curves[(fleet, policy)] = rows
             summaries.append(summarize(fleet, policy, rows, a.gain) | {"host_samples_per_s": host_sps})
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "device_study.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(summaries[0]))
-        w.writeheader()
-        w.writerows(summaries)
+    write_csv(RESULTS / "device_study.csv", summaries)
     keys = ("round", "sim_time_h", "round_sim_seconds", "idle_sim_seconds", "target_accuracy", "trained",
             "stragglers", "dropouts", "bytes_up")
-    with open(RESULTS / "device_study_rounds.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["fleet", "policy", *keys, "class_accuracy"])
-        for (fleet, policy), rows in curves.items():
-            for r in rows:
-                classes = {k.split("/", 1)[1]: round(v, 4) for k, v in r.items() if k.startswith("class_accuracy/")}
-                w.writerow([fleet, policy, *[r.get(k, 0.0 if k == "sim_time_h" else None) for k in keys],
-                            json.dumps(classes)])
+    per_round = [
+        {"fleet": fleet, "policy": policy, **{k: r.get(k, 0.0 if k == "sim_time_h" else None) for k in keys},
+         "class_accuracy": json.dumps({k.split("/", 1)[1]: round(v, 4) for k, v in r.items()
+                                       if k.startswith("class_accuracy/")})}
+        for (fleet, policy), rows in curves.items() for r in rows
+    ]
+    write_csv(RESULTS / "device_study_rounds.csv", per_round)
     if set(fleets) == set(FLEETS):
         plot(curves, summaries, RESULTS / "device_study.png")
     md = table(summaries)

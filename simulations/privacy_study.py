@@ -28,7 +28,6 @@ one seed. Results: simulations/results/privacy_study.{csv,png} and a markdown ta
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from fedrnn.checkpoint import write_json  # noqa: E402
+from fedrnn.checkpoint import write_csv, write_json  # noqa: E402
 from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
 from fedrnn.federation import Federation, VirtualClients  # noqa: E402
 from fedrnn.prepare import prepare_run  # noqa: E402
@@ -199,11 +198,7 @@ def main() -> None:
     for r in results:
         base = next(b for b in results if b["alpha"] == r["alpha"] and b["level"] == "none")
         r["points_below_no_dp"] = round(100 * (base["target_accuracy"] - r["target_accuracy"]), 2)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "privacy_study.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]))
-        w.writeheader()
-        w.writerows(results)
+    write_csv(RESULTS / "privacy_study.csv", results)
     plot(results)
     print(table(results))
     print(f"study wall time {time.perf_counter() - t_study:.0f} s")

@@ -25,7 +25,6 @@ simulations/results/transfer_noniid.csv and prints the gap to centralised, mean 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -39,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedrnn.checkpoint import write_csv  # noqa: E402
 from fedrnn.config import dump_toml  # noqa: E402
 from fedrnn.partitions import load_partitions, split_holdout  # noqa: E402
 from fedrnn.rundir import RunDir  # noqa: E402
@@ -126,11 +126,7 @@ def noniid(base: dict, work: Path, seeds: list[int], strategies: list[str]) -> N
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "transfer_noniid.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(RESULTS / "transfer_noniid.csv", rows)
     print("| mode | strategy | federated | centralised | gap (points), mean ± sd | seeds within 2 points |")
     print("|---|---|---|---|---|---|")
     for mode in ("feature-extraction", "fine-tune", "full"):
@@ -224,11 +220,7 @@ def main() -> None:
         if r["study"] == "transfer" and r["alpha"] == 1.0 and r["variant"] in ("feature-extraction", "fine-tune"):
             rows.append({**r, "study": "data-sweep"})
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "transfer_study.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(RESULTS / "transfer_study.csv", rows)
     plot(rows)
     print_table(rows)
 

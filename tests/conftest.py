@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedrnn.data import DATA_DIR_ENV
 from fedrnn.models import ModelConfig
@@ -43,3 +45,11 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tu
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDRNN_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture()
+def task_identity() -> Iterator[None]:
+    """Flower's strategies build Messages, which need the identity a running ServerApp would have."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None

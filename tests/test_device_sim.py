@@ -25,6 +25,7 @@ from fedrnn.config import ConfigError, config_from_dict
 from fedrnn.device_sim import local_work
 from fedrnn.devices import Fleet
 from fedrnn.models import trainable_names
+from fedrnn.rundir import RunDir
 from fedrnn.wire import record_nbytes, to_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,9 +86,6 @@ def _run(tmp: Path, name: str, config: str, teacher: Path) -> Path:
               tmp / "cache")
     return tmp / name
 
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _check_clock(rows: list[dict], deadline: float) -> None:
@@ -155,7 +153,7 @@ def test_bad_trace_row_is_named_at_config_time(tmp_path: Path) -> None:
 
 
 def test_pi_fleet_rows_carry_the_device_metrics(pi_run: Path, tiny_teacher: tuple[Path, dict]) -> None:
-    rows = _rows(pi_run)
+    rows = RunDir(pi_run).read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert {"sim_time_h", "round_sim_seconds", "stragglers", "dropouts", "excluded_memory", "memory_adapted",
@@ -174,7 +172,7 @@ def test_pi_fleet_rows_carry_the_device_metrics(pi_run: Path, tiny_teacher: tupl
 
 
 def test_slow_pis_train_part_of_their_work_and_memory_starved_ones_adapt(pi_run: Path) -> None:
-    rows = _rows(pi_run)
+    rows = RunDir(pi_run).read_metrics()
     plans = [p for r in rows[1:] for p in r["device_clients"].values()]
     # 100 samples/s x 0.0289 (Zero 2 W) = 2.9 samples/s: one step of 256 fits in 120 s, a second does not
     zero = [p for p in plans if p["class"] == "rpi-zero2w" and p["status"] != "dropout"]
@@ -198,7 +196,7 @@ def test_slow_pis_train_part_of_their_work_and_memory_starved_ones_adapt(pi_run:
 def test_offline_pis_are_never_selected(pi_run: Path) -> None:
     fleet = Fleet.from_mix(8, {"rpi-zero2w": 0.5, "rpi5": 0.5}, seed=0, availability="churn")
     previous, offline_seen = 0.0, 0
-    for r in _rows(pi_run)[1:]:
+    for r in RunDir(pi_run).read_metrics()[1:]:
         start = previous + r["idle_sim_seconds"]
         online = set(fleet.available(start).tolist())
         assert set(r["selected"]) <= online
@@ -214,7 +212,7 @@ def test_trace_fleet_runs_and_resume_continues_the_clock(tmp_path: Path, tiny_te
     (run / "config.json").write_text(json.dumps(config))
     r = _simulate(["--resume", str(run)], tmp_path / "cache")
     assert "resuming" in r.stdout
-    rows = _rows(run)
+    rows = RunDir(run).read_metrics()
     assert [x["round"] for x in rows] == [0, 1, 2, 3]
     _check_clock(rows, deadline=2.0)  # round 3 starts exactly where round 2's clock stopped
     _check_accounting(rows)

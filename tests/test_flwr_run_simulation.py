@@ -17,13 +17,12 @@ from pathlib import Path
 
 from processes import free_port, stop_tree
 
+from fedrnn.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RUN_S = 420
 
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_flwr_run_on_a_simulation_superlink_matches_the_cli(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
@@ -71,7 +70,7 @@ def test_flwr_run_on_a_simulation_superlink_matches_the_cli(tmp_path: Path, tiny
         assert run.returncode == 0 and "Successfully started run" in run.stdout, run.stdout[-3000:] + run.stderr
     finally:
         stop_tree(link)
-    got, want = _rows(tmp_path / "flwr-run"), _rows(tmp_path / "reference")
+    got, want = RunDir(tmp_path / "flwr-run").read_metrics(), RunDir(tmp_path / "reference").read_metrics()
     assert [r["round"] for r in got] == [0, 1, 2]
     keys = ("target_accuracy", "retention_accuracy", "fed_eval_accuracy_mean", "train_loss", "clients", "bytes_up")
     for a, b in zip(got, want, strict=True):

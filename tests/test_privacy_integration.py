@@ -13,21 +13,21 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from messages import reply_metadata
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
 from fedrnn.checkpoint import load_checkpoint
 from fedrnn.client_dp import ClientLevelDP, calibrate_client_noise, gaussian_epsilon
 from fedrnn.config import ConfigError, PrivacySection, config_from_dict
+from fedrnn.federation import OneNodeGrid
 from fedrnn.models import ModelConfig, SentimentRNN, trainable_names
 from fedrnn.partitions import load_partitions, split_holdout
 from fedrnn.privacy import PrivacyState, epsilon
@@ -38,6 +38,7 @@ from fedrnn.privacy_ledger import (
     record_dp_config,
     record_dp_train,
 )
+from fedrnn.rundir import RunDir
 from fedrnn.strategies import make_strategy
 from fedrnn.task import LocalTrainConfig
 from fedrnn.tokenizer import Encoded
@@ -89,22 +90,8 @@ def test_client_level_epsilon_matches_opacus_and_calibration_hits_the_target() -
     assert 3.99 < gaussian_epsilon(sigma, 10, DELTA) <= 4.0 < gaussian_epsilon(sigma * 0.99, 10, DELTA)
 
 
-@pytest.fixture()
-def task_identity() -> Iterator[None]:
-    """Flower's strategies build Messages, which need the identity a running ServerApp would have."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
-
-
-class _OneNodeGrid:
-    def get_node_ids(self) -> list[int]:
-        return [7]
-
-
 def _reply(arrays: dict[str, np.ndarray], client: int, num_examples: int = 10) -> Message:
-    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id=f"m{client}",
-                    group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
+    meta = reply_metadata(f"m{client}", src_node_id=7)
     content = RecordDict({"arrays": to_record(arrays),
                           "metrics": MetricRecord({"client-id": client, "num-examples": num_examples})})
     return Message(content, metadata=meta)
@@ -120,7 +107,7 @@ def _client_dp(privacy: dict, rounds: int = 3) -> ClientLevelDP:
 
 def _round(strategy: ClientLevelDP, rnd: int, glob: np.ndarray, updates: list[np.ndarray],
            weights: list[int] | None = None) -> np.ndarray | None:
-    list(strategy.configure_train(rnd, to_record({"w": glob}), ConfigRecord(), _OneNodeGrid()))
+    list(strategy.configure_train(rnd, to_record({"w": glob}), ConfigRecord(), OneNodeGrid(7)))
     replies = [_reply({"w": glob + u}, i, (weights or [10] * len(updates))[i]) for i, u in enumerate(updates)]
     arrays, _ = strategy.aggregate_train(rnd, replies)
     return None if arrays is None else from_record(arrays)["w"]
@@ -259,8 +246,7 @@ def test_dp_round_is_reproducible_whatever_ran_before() -> None:
 
 
 def _ledger_reply(client: int, state: PrivacyState | None, trained: bool, exhausted: bool) -> Message:
-    meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id=f"m{client}",
-                    group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
+    meta = reply_metadata(f"m{client}", src_node_id=7)
     content = RecordDict({"metrics": MetricRecord({"client-id": client, "dp-trained": float(trained),
                                                    "dp-exhausted": float(exhausted),
                                                    "dp-epsilon": epsilon(state) if state else 0.0})})
@@ -323,9 +309,6 @@ def _simulate(args: list[str], cache: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Path, dict]) -> Path:
@@ -350,7 +333,7 @@ def _sample_rates(run: Path) -> dict[int, float]:
 
 
 def test_record_epsilon_covers_every_round_a_client_trained_across_resume(dp_run: Path) -> None:
-    rows = _rows(dp_run)[1:]
+    rows = RunDir(dp_run).read_metrics()[1:]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     q = _sample_rates(dp_run)
     states = json.loads((dp_run / "state.json").read_text())["plugins"]["privacy"]["states"]
@@ -375,7 +358,7 @@ def test_record_epsilon_covers_every_round_a_client_trained_across_resume(dp_run
 
 def test_record_budget_stops_a_client_whose_next_round_would_exceed_it(dp_run: Path) -> None:
     """Independently: after each round, a client is out iff one more 3-step round would take it past 2.0."""
-    rows = _rows(dp_run)[1:]
+    rows = RunDir(dp_run).read_metrics()[1:]
     q = _sample_rates(dp_run)
     ledger = json.loads((dp_run / "state.json").read_text())["plugins"]["privacy"]
     sigma = {int(c): s["noise-multiplier"] for c, s in ledger["states"].items()}
@@ -395,7 +378,7 @@ def test_record_budget_stops_a_client_whose_next_round_would_exceed_it(dp_run: P
 
 
 def test_client_level_epsilon_per_round_across_resume(dp_run: Path) -> None:
-    rows = _rows(dp_run)[1:]
+    rows = RunDir(dp_run).read_metrics()[1:]
     for r in rows:
         trained = r["trained"] > 0
         assert r["dp_client_releases"] == sum(x["trained"] > 0 for x in rows if x["round"] <= r["round"])
@@ -416,5 +399,5 @@ def test_client_level_noise_changes_the_model(dp_run: Path, tiny_teacher: tuple[
     names = trainable_names(load_checkpoint(tiny_teacher[0])[0], "fine-tune")
     diff = np.concatenate([(with_noise[k] - without[k]).ravel() for k in names])
     # clipping and uniform weights move the model by at most ~C = 0.5 in norm; the noise, std 0.25 per coordinate
-    assert float(diff.std()) == pytest.approx(_rows(dp_run)[1]["dp_client_noise_std"], rel=0.1)
+    assert float(diff.std()) == pytest.approx(RunDir(dp_run).read_metrics()[1]["dp_client_noise_std"], rel=0.1)
     assert np.array_equal(with_noise["embedding.weight"], without["embedding.weight"])  # frozen: never noised

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.metadata import Metadata
+from messages import reply_metadata
 
 from fedrnn.attacks import AttackSimulation, attack_of, malicious_clients, poison_data, poison_update
 from fedrnn.config import STRATEGIES, AttackSection, ConfigError, FaultsSection, RobustSection, config_from_dict
@@ -23,11 +23,6 @@ from fedrnn.wire import to_record
 GLOBAL = {"head.weight": np.zeros((2, 3), np.float32), "head.bias": np.zeros(2, np.float32)}
 
 
-def _meta(reply_to: str = "", message_id: str = "") -> Metadata:
-    return Metadata(run_id=1, message_id=message_id, src_node_id=1, dst_node_id=2, reply_to_message_id=reply_to,
-                    group_id="", created_at=0.0, ttl=60.0, message_type="train")
-
-
 def _metrics(client: int = 3, **extra: object) -> dict:
     return {"num-examples": 10, "client-id": client, "train-loss": 0.5, "train-seconds": 1.0, **extra}
 
@@ -37,7 +32,7 @@ def _reply(arrays: dict | None = None, metrics: dict | None = None, to: str = "m
     arrays = {k: v + 0.1 for k, v in GLOBAL.items()} if arrays is None else arrays
     content = records if records is not None else {"arrays": to_record(arrays),
                                                    "metrics": MetricRecord(metrics or _metrics())}
-    return Message(RecordDict(content), metadata=_meta(reply_to=to))
+    return Message(RecordDict(content), metadata=reply_metadata(reply_to=to))
 
 
 def _expected(**kw: object) -> Expected:
@@ -138,13 +133,13 @@ def test_norm_ratio_uses_the_lower_median_and_can_be_switched_off() -> None:
 
 def test_reported_accuracy_ignores_nonsense() -> None:
     def ev(metrics: dict) -> Message:
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), metadata=_meta("m1"))
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), metadata=reply_metadata("m1"))
 
     assert reported_accuracy(ev({"eval-accuracy": 0.75})) == 0.75
     for bad in (1.5, -0.1, float("nan"), [0.5]):
         assert reported_accuracy(ev({"eval-accuracy": bad})) is None
     assert reported_accuracy(ev({})) is None
-    assert reported_accuracy(Message(RecordDict({}), metadata=_meta("m1"))) is None
+    assert reported_accuracy(Message(RecordDict({}), metadata=reply_metadata("m1"))) is None
 
 
 # ---------------------------------------------------------------- Byzantine clients
@@ -209,7 +204,8 @@ def test_fault_plugin_marks_the_named_clients_in_the_named_rounds() -> None:
 
 
 def _job(timeout: float) -> Message:
-    return Message(RecordDict({"config": ConfigRecord({"deadline-s": timeout})}), metadata=_meta(message_id="j"))
+    content = RecordDict({"config": ConfigRecord({"deadline-s": timeout})})
+    return Message(content, metadata=reply_metadata(message_id="j"))
 
 
 def test_deadline_mod_aborts_a_hung_job_and_disarms_after_a_quick_one() -> None:

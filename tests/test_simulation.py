@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 
 from fedrnn.checkpoint import load_checkpoint
 from fedrnn.models import trainable_names
+from fedrnn.rundir import RunDir
 from fedrnn.wire import record_nbytes, to_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +46,6 @@ def _env(cache_dir: Path) -> dict[str, str]:
     return {**os.environ, "FEDRNN_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Path, dict]) -> Path:
@@ -66,7 +64,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[P
 
 
 def test_run_writes_everything(finished_run: Path) -> None:
-    rows = _rows(finished_run)
+    rows = RunDir(finished_run).read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         assert r["trained"] == 4 and r["failures"] == 0
@@ -91,7 +89,7 @@ def test_only_trainable_tensors_travel(finished_run: Path, tiny_teacher: tuple[P
     fine_tune = record_nbytes(to_record({n: sd[n].numpy() for n in names}))  # serialized, headers included
     raw = sum(sd[n].numel() * 4 for n in names)
     assert raw < fine_tune < raw + 200 * len(names)
-    for r in _rows(finished_run)[1:]:
+    for r in RunDir(finished_run).read_metrics()[1:]:
         assert r["bytes_down"] == 4 * fine_tune  # 4 clients, exactly the fine-tune tensors
         assert r["bytes_up"] == 4 * fine_tune
     assert raw < sum(v.numel() * 4 for v in sd.values()) / 2
@@ -137,7 +135,7 @@ def test_same_seed_same_metrics_and_resume_after_kill(
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming" in r.stdout
-    resumed, reference = _rows(out), _rows(finished_run)
+    resumed, reference = RunDir(out).read_metrics(), RunDir(finished_run).read_metrics()
     assert [x["round"] for x in resumed] == [0, 1, 2, 3]
     keys = (
         "target_accuracy",

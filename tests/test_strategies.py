@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.metadata import Metadata
-from flwr.supercore.task_identity import TaskIdentity
+from messages import reply_metadata
 
 from fedrnn.config import config_from_dict
+from fedrnn.federation import OneNodeGrid
 from fedrnn.strategies import load_strategy_state, make_strategy, strategy_state
 from fedrnn.wire import from_record, to_record
 
@@ -18,16 +18,7 @@ GLOBAL = {"rnn.1.fwd.weight_ih_l0": np.zeros((4, 3), np.float32), "head.weight":
           "head.bias": np.zeros(2, np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def _server_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Strategies build messages, which need the identity a ServerApp process has."""
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
-class _OneNode:
-    def get_node_ids(self) -> list[int]:
-        return [1]
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _replies(rnd: int) -> list[Message]:
@@ -35,16 +26,13 @@ def _replies(rnd: int) -> list[Message]:
     out = []
     for client in range(3):
         arrays = {k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in GLOBAL.items()}
-        meta = Metadata(run_id=1, message_id=f"r{rnd}c{client}", src_node_id=1, dst_node_id=2,
-                        reply_to_message_id=f"m{rnd}c{client}", group_id="", created_at=0.0, ttl=60.0,
-                        message_type="train")
         content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": 10 + client})})
-        out.append(Message(content, metadata=meta))
+        out.append(Message(content, metadata=reply_metadata(f"m{rnd}c{client}", f"r{rnd}c{client}")))
     return out
 
 
 def _round(strategy, rnd: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    list(strategy.configure_train(rnd, to_record(arrays), ConfigRecord(), _OneNode()))
+    list(strategy.configure_train(rnd, to_record(arrays), ConfigRecord(), OneNodeGrid(1)))
     agg, _ = strategy.aggregate_train(rnd, _replies(rnd))
     return from_record(agg)
 

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from messages import reply_metadata
 
 from fedrnn.checkpoint import load_checkpoint
 from fedrnn.compression import CLIENT_STATE_DIR, Int8Compression, ResidualStore, decode_downlink, encode_uplink
@@ -81,8 +82,7 @@ def _plugin(tmp_path: Path, **cfg: object) -> Int8Compression:
 
 
 def _reply(arrays: dict[str, np.ndarray] | None, client: int) -> Message:
-    meta = Metadata(run_id=1, message_id="", src_node_id=client + 10, dst_node_id=0, reply_to_message_id=str(client),
-                    group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
+    meta = reply_metadata(str(client), src_node_id=client + 10)
     content = RecordDict({"metrics": MetricRecord({"client-id": client, "num-examples": 5})})
     if arrays is not None:
         content["arrays"] = to_record(arrays)
@@ -227,9 +227,6 @@ def test_feddf_distils_from_the_client_models_and_state_resumes(federation: Fede
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.fixture(scope="module")
 def student_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Path, dict]) -> Path:
@@ -267,7 +264,7 @@ def test_int8_wire_counts_and_student_metrics(student_run: Path, tiny_teacher: t
     sd = model.state_dict()
     first = {n: sd[n].numpy() for n in trainable_names(model, "fine-tune")}  # round 1 broadcasts the teacher's
     fp32, int8 = record_nbytes(to_record(first)), record_nbytes(to_record(encode(first)))
-    rows = _rows(student_run)
+    rows = RunDir(student_run).read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["down_payload_bytes"] == int8  # what travelled is exactly the int8 encoding
     for r in rows[1:]:
