@@ -76,11 +76,15 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
     ``max_restarts``: Ray restarts a worker whose process died (a client crashed or was OOM-killed);
     without it Flower puts the dead actor back in its pool and every later job sent to it fails.
+    ``max_task_retries``: a job that reaches a worker while it restarts (or whose worker died under
+    it) runs once more instead of failing: Flower hands the restarting actor the next job at once,
+    and an honest client must not fail for its neighbour's crash. A job that crashes twice fails.
     """
     init: dict[str, Any] = (
         {"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {"num_cpus": cfg.simulation.actors}
     )
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1}, "init_args": init}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1},
+            "init_args": init}
 
 
 def start_ray(cfg: RunConfig, verbose: bool = False) -> None:
