@@ -20,7 +20,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 pretrain: $(VENV)/.installed
-	$(PY) -m fedrnn.pretrain --out cache/teacher
+	$(PY) -m fedrnn.model.pretrain --out cache/teacher
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

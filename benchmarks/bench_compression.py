@@ -9,7 +9,7 @@ clients are sampled every round), only ``[compression]`` differing:
 * ``int8-stochastic``: int8 broadcast, int8 updates with stochastic rounding;
 * ``int8-error-feedback``: int8 broadcast, int8 updates rounded to nearest with error feedback.
 
-Bytes are the rounds' ``bytes_down`` / ``bytes_up`` (``fedrnn.wire.record_nbytes`` of what was
+Bytes are the rounds' ``bytes_down`` / ``bytes_up`` (``fedrnn.federation.wire.record_nbytes`` of what was
 sent and received); accuracy is the server-side target accuracy after the last round, and the
 mean over all rounds. Results go to ``benchmarks/results/compression.json``; each run keeps its
 metrics, config and plots under ``--work`` (its checkpoints, ~10 MB a round, are deleted).
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrnn.config import dump_toml
-from fedrnn.rundir import RunDir
+from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -7,7 +7,7 @@ tokens, capped at 400), a 16k BPE tokenizer trained on them, the default ``Model
 (random weights: speed does not depend on them), Adam, one CPU thread (as the ClientApp
 runs). For each transfer mode it times
 
-* ``non-dp``: ``fedrnn.training.train_steps`` over one epoch of length-bucketed batches,
+* ``non-dp``: ``fedrnn.model.training.train_steps`` over one epoch of length-bucketed batches,
   exactly what the non-private client does (the baseline of every ratio);
 * ``non-dp-poisson``: a plain step on the Poisson batches DP uses (how much of the cost
   is the sampling's padding alone);
@@ -46,12 +46,12 @@ import opacus
 import torch
 from torch.nn import functional as F
 
-from fedrnn.data import load_amazon
-from fedrnn.models import TRANSFER_MODES, ModelConfig, SentimentRNN, set_trainable
-from fedrnn.per_sample import clipped_grad_sum, per_sample_taps
-from fedrnn.privacy import OPACUS_MODES, PrivacyState, poisson_batches, sample_rate, train_dp
-from fedrnn.tokenizer import Encoded, encode, train_tokenizer
-from fedrnn.training import to_tensors, train_steps
+from fedrnn.data.loaders import load_amazon
+from fedrnn.data.tokenizer import Encoded, encode, train_tokenizer
+from fedrnn.model.rnn import TRANSFER_MODES, ModelConfig, SentimentRNN, set_trainable
+from fedrnn.model.training import to_tensors, train_steps
+from fedrnn.privacy.dp_sgd import OPACUS_MODES, PrivacyState, poisson_batches, sample_rate, train_dp
+from fedrnn.privacy.per_sample import clipped_grad_sum, per_sample_taps
 
 SEED = 0
 CLIP, SIGMA, LR = 1.0, 1.0, 1e-3

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fedrnn.pretrain import PretrainConfig, pretrain
+from fedrnn.model.pretrain import PretrainConfig, pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain.json"
 

@@ -2,10 +2,10 @@
 
     FEDRNN_DATA_DIR=... python benchmarks/bench_student.py [--teacher cache/teacher] [--student DIR]
 
-Without ``--student`` the student is distilled here first: ``fedrnn.distill.make_student``
-over the teacher's tokenizer, trained with ``fedrnn.distill.distill`` for ``--steps`` batches
+Without ``--student`` the student is distilled here first: ``fedrnn.edge.distill.make_student``
+over the teacher's tokenizer, trained with ``fedrnn.edge.distill.distill`` for ``--steps`` batches
 on ``--transfer-size`` unlabelled IMDB reviews (labels never used), saved to
-``--student-out``. The student is then exported with ``fedrnn.export.export_student``
+``--student-out``. The student is then exported with ``fedrnn.edge.export.export_student``
 (float ONNX + onnxruntime dynamic int8) to ``--export-out``.
 
 Measured, with the goals of issue 6:
@@ -17,14 +17,14 @@ Measured, with the goals of issue 6:
   the same pre-tokenized Amazon test reviews (tokenization excluded from both; the
   student's end-to-end time with tokenization is reported separately). Each model is timed
   twice, interleaved, keeping the faster median (the machine may be shared); goal >= 3x;
-* **accuracy** on the fixed Amazon test split (1,600 reviews, ``fedrnn.data.amazon_split``):
-  teacher in torch against the int8 student through ``fedrnn.predict.Predictor`` (the
+* **accuracy** on the fixed Amazon test split (1,600 reviews, ``fedrnn.data.loaders.amazon_split``):
+  teacher in torch against the int8 student through ``fedrnn.edge.predict.Predictor`` (the
   deployed path, raw text in); goal: student within 1.5 points;
 * **downlink**: bytes of one broadcast to one client as the federation counts them
-  (``fedrnn.wire.record_nbytes``: array data plus each array's .npy header): the fp32 teacher
+  (``fedrnn.federation.wire.record_nbytes``: array data plus each array's .npy header): the fp32 teacher
   (full model, as FedAvg over the whole model sends it; and only the ``--mode`` trainable
   tensors, as fedrnn's fine-tuning sends them) against the int8 student that
-  ``fedrnn.distill_plugin`` ships (every tensor, embedding included) and the int8 trainable
+  ``fedrnn.plugins.distill`` ships (every tensor, embedding included) and the int8 trainable
   tensors (``compression.downlink = "int8"``); goal: >= 4x fewer than fp32 FedAvg.
 
 Results go to ``benchmarks/results/student.json``.
@@ -47,16 +47,16 @@ import onnxruntime as ort
 import torch
 from tokenizers import Tokenizer
 
-from fedrnn.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
-from fedrnn.data import amazon_split, load_amazon, load_imdb
-from fedrnn.distill import agreement, distill, make_student
-from fedrnn.export import export_student, resolve_checkpoint
-from fedrnn.models import TRANSFER_MODES, SentimentRNN, num_parameters, trainable_names
-from fedrnn.predict import FLOAT_MODEL, INT8_MODEL, Predictor
-from fedrnn.quantize import encode as int8_encode
-from fedrnn.tokenizer import Encoded, encode
-from fedrnn.training import evaluate
-from fedrnn.wire import record_nbytes, to_record
+from fedrnn.data.loaders import amazon_split, load_amazon, load_imdb
+from fedrnn.data.tokenizer import Encoded, encode
+from fedrnn.edge.distill import agreement, distill, make_student
+from fedrnn.edge.export import export_student, resolve_checkpoint
+from fedrnn.edge.predict import FLOAT_MODEL, INT8_MODEL, Predictor
+from fedrnn.edge.quantize import encode as int8_encode
+from fedrnn.federation.wire import record_nbytes, to_record
+from fedrnn.model.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from fedrnn.model.rnn import TRANSFER_MODES, SentimentRNN, num_parameters, trainable_names
+from fedrnn.model.training import evaluate
 
 GOALS = {"size_ratio_min": 10.0, "latency_ratio_min": 3.0, "accuracy_gap_max_points": 1.5, "downlink_ratio_min": 4.0}
 

@@ -17,11 +17,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedrnn.checkpoint import load_checkpoint
-from fedrnn.models import set_trainable
-from fedrnn.partitions import load_partitions, split_holdout
-from fedrnn.target import load_target
-from fedrnn.task import LocalTrainConfig, local_train
+from fedrnn.data.partitions import load_partitions, split_holdout
+from fedrnn.data.target import load_target
+from fedrnn.federation.local import LocalTrainConfig, local_train
+from fedrnn.model.checkpoint import load_checkpoint
+from fedrnn.model.rnn import set_trainable
 
 client_app = ClientApp()
 

@@ -13,15 +13,23 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrnn.attacks import attack_of, poison_data, poison_update
-from fedrnn.compression import decode_downlink, encode_uplink
-from fedrnn.deadline import deadline_mod
-from fedrnn.distill_plugin import evaluate_student, is_student_message
-from fedrnn.faults import inject_fault
-from fedrnn.privacy_ledger import record_dp_train
-from fedrnn.task import LocalTrainConfig, build_model, device_data, load_base, local_evaluate, local_train, shard_data
-from fedrnn.tokenizer import Encoded
-from fedrnn.wire import state_to_arrays, to_record
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.federation.deadline import deadline_mod
+from fedrnn.federation.local import (
+    LocalTrainConfig,
+    build_model,
+    device_data,
+    load_base,
+    local_evaluate,
+    local_train,
+    shard_data,
+)
+from fedrnn.federation.wire import state_to_arrays, to_record
+from fedrnn.plugins.attack import attack_of, poison_data, poison_update
+from fedrnn.plugins.compression import decode_downlink, encode_uplink
+from fedrnn.plugins.distill import evaluate_student, is_student_message
+from fedrnn.plugins.faults import inject_fault
+from fedrnn.plugins.record_dp import record_dp_train
 
 app = ClientApp(mods=[deadline_mod])  # a job past its deadline-s is aborted, freeing its worker
 
@@ -64,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(cfg.get("proximal-mu", 0.0)), clip_norm=float(cfg["clip-norm"]),
         seed=int(cfg["seed"]) * 1_000_003 + int(cfg["server-round"]) * 1009 + int(cfg.get("client-id", 0)),
     )
-    if cfg.get("dp-record", False):  # record-level DP-SGD, accounted across rounds (fedrnn.privacy_ledger)
+    if cfg.get("dp-record", False):  # record-level DP-SGD, accounted across rounds (fedrnn.plugins.record_dp)
         arrays, metrics, privacy = record_dp_train(model, poison_data(data, attack), local, names, cfg,
                                                    context.node_config)
     else:

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedrnn.devices import NETWORKS, PROFILES, DeviceError, load_trace
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
-from fedrnn.models import CELLS, TRANSFER_MODES
+from fedrnn.model.rnn import CELLS, TRANSFER_MODES
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 TARGETS = ("amazon", "imdb")
@@ -103,7 +103,7 @@ class ClientSection:
 @dataclass
 class ServerSection:
     server_lr: float = 0.01  # FedAdam/FedYogi eta
-    server_momentum: float = 0.9  # FedAvgM (bias-corrected, see fedrnn.strategies.AveragedFedAvgM)
+    server_momentum: float = 0.9  # FedAvgM (bias-corrected, see fedrnn.federation.strategies.AveragedFedAvgM)
     eval_every: int = 1
     retention_examples: int = 500  # fixed IMDB test subset for source retention
     target_test_examples: int = 0  # 0 = the whole target test split
@@ -193,7 +193,7 @@ class DevicesSection:
 
 @dataclass
 class DistillSection:
-    """Server-side distillation of a compact student (see ``fedrnn.distill_plugin``); off by default."""
+    """Server-side distillation of a compact student (see ``fedrnn.plugins.distill``); off by default."""
 
     enabled: bool = False
     every_k_rounds: int = 1  # distil after every k-th round (and always after the last)
@@ -223,7 +223,7 @@ class DistillSection:
 
 @dataclass
 class CompressionSection:
-    """What travels as int8 (see ``fedrnn.compression``); float32 both ways by default."""
+    """What travels as int8 (see ``fedrnn.plugins.compression``); float32 both ways by default."""
 
     downlink: str = "float32"  # the global tensors sent to clients: float32 | int8 (per-row scales)
     uplink: str = "float32"  # clients' replies: float32 weights | int8 updates (delta from what they received)
@@ -246,7 +246,7 @@ class CompressionSection:
 
 @dataclass
 class RobustSection:
-    """Bounds every client reply must meet to be aggregated (see ``fedrnn.validation``)."""
+    """Bounds every client reply must meet to be aggregated (see ``fedrnn.plugins.robust``)."""
 
     max_update_norm: float = 0.0  # L2 bound on ||w_client - w_global||; 0 = none (honest scale depends on mode, lr)
     max_norm_ratio: float = 10.0  # reject updates > ratio x the round's (lower) median norm; 0 = off
@@ -261,7 +261,7 @@ class RobustSection:
 
 @dataclass
 class AttackSection:
-    """Byzantine clients for robustness studies (see ``fedrnn.attacks``); off while clients = 0."""
+    """Byzantine clients for robustness studies (see ``fedrnn.plugins.attack``); off while clients = 0."""
 
     clients: int = 0  # k malicious clients: a seeded set of client ids, fixed for the run
     kind: str = "sign-flip"  # sign-flip | scale | label-flip
@@ -275,7 +275,7 @@ class AttackSection:
 
 @dataclass
 class FaultsSection:
-    """Fault injection for tests and studies (see ``fedrnn.faults``); off while no client is named."""
+    """Fault injection for tests and studies (see ``fedrnn.plugins.faults``); off while no client is named."""
 
     raise_clients: list[int] = field(default_factory=list)  # these clients' ClientApp raises mid-training
     hang_clients: list[int] = field(default_factory=list)  # ... sleeps hang_s seconds mid-training
@@ -297,7 +297,7 @@ class FaultsSection:
 
 @dataclass
 class PrivacySection:
-    """Differential privacy (``fedrnn.privacy_ledger``, ``fedrnn.client_dp``); both levels off by default.
+    """Differential privacy (``fedrnn.plugins.record_dp``, ``fedrnn.plugins.client_dp``); both levels off by default.
 
     Record-level DP-SGD on every client protects each single review; client-level DP (the
     server clips whole updates and noises their average) protects a device's whole data set.

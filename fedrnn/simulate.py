@@ -4,7 +4,7 @@
     python -m fedrnn.simulate --config configs/tiny.toml --out runs/tiny
     python -m fedrnn.simulate --resume runs/tiny        # after a crash or kill -9
 
-Results land in ``runs/NAME/`` (see ``fedrnn.rundir``).
+Results land in ``runs/NAME/`` (see ``fedrnn.runs.rundir``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any
 
 from rich.console import Console
 
-from fedrnn.checkpoint import CheckpointError, write_json
 from fedrnn.config import STRATEGIES, ConfigError, RunConfig, config_from_dict, load_config
-from fedrnn.data import DataError
-from fedrnn.federation import Prepared
-from fedrnn.partitions import PartitionError
-from fedrnn.plots import plot_run
-from fedrnn.prepare import prepare_run
-from fedrnn.rundir import RunDir
+from fedrnn.data.loaders import DataError
+from fedrnn.data.partitions import PartitionError
+from fedrnn.federation.loop import Prepared
+from fedrnn.model.checkpoint import CheckpointError, write_json
+from fedrnn.runs.plots import plot_run
+from fedrnn.runs.prepare import prepare_run
+from fedrnn.runs.rundir import RunDir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 

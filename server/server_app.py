@@ -16,20 +16,20 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedrnn.attacks import AttackSimulation
-from fedrnn.checkpoint import write_json
-from fedrnn.compression import Int8Compression
 from fedrnn.config import ConfigError, RunConfig, config_from_dict, load_config
-from fedrnn.device_sim import DeviceSimulation
-from fedrnn.distill_plugin import StudentDistillation
-from fedrnn.faults import FaultInjection
-from fedrnn.federation import DeviceNodes, Federation, Prepared, RoundPlugin, VirtualClients
-from fedrnn.prepare import prepare_run
-from fedrnn.privacy_ledger import privacy_plugins
-from fedrnn.rundir import RunDir
+from fedrnn.federation.loop import DeviceNodes, Federation, Prepared, RoundPlugin, VirtualClients
+from fedrnn.federation.strategies import make_strategy
+from fedrnn.model.checkpoint import write_json
+from fedrnn.plugins.attack import AttackSimulation
+from fedrnn.plugins.compression import Int8Compression
+from fedrnn.plugins.devices import DeviceSimulation
+from fedrnn.plugins.distill import StudentDistillation
+from fedrnn.plugins.faults import FaultInjection
+from fedrnn.plugins.record_dp import privacy_plugins
+from fedrnn.plugins.robust import ReplyValidator
+from fedrnn.runs.prepare import prepare_run
+from fedrnn.runs.rundir import RunDir
 from fedrnn.simulate import round_printer
-from fedrnn.strategies import make_strategy
-from fedrnn.validation import ReplyValidator
 
 
 def build_plugins(cfg: RunConfig) -> list[RoundPlugin]:

@@ -31,13 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedrnn.checkpoint import write_csv  # noqa: E402
 from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
-from fedrnn.federation import Federation, Prepared, VirtualClients  # noqa: E402
-from fedrnn.prepare import prepare_run  # noqa: E402
-from fedrnn.rundir import RunDir  # noqa: E402
+from fedrnn.federation.loop import Federation, Prepared, VirtualClients  # noqa: E402
+from fedrnn.federation.strategies import make_strategy  # noqa: E402
+from fedrnn.model.checkpoint import write_csv  # noqa: E402
+from fedrnn.runs.prepare import prepare_run  # noqa: E402
+from fedrnn.runs.rundir import RunDir  # noqa: E402
 from fedrnn.simulate import backend_config, start_ray  # noqa: E402
-from fedrnn.strategies import make_strategy  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 RULES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")

@@ -38,14 +38,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedrnn.checkpoint import load_checkpoint, write_csv  # noqa: E402
 from fedrnn.config import dump_toml  # noqa: E402
+from fedrnn.data.target import load_target, prepare_target  # noqa: E402
 from fedrnn.devices import measure_host_throughput  # noqa: E402
-from fedrnn.plots import plt  # noqa: E402  (Agg backend already chosen)
-from fedrnn.prepare import cache_dir  # noqa: E402
-from fedrnn.rundir import RunDir  # noqa: E402
-from fedrnn.target import load_target, prepare_target  # noqa: E402
-from fedrnn.task import build_model, load_base  # noqa: E402
+from fedrnn.federation.local import build_model, load_base  # noqa: E402
+from fedrnn.model.checkpoint import load_checkpoint, write_csv  # noqa: E402
+from fedrnn.runs.plots import plt  # noqa: E402  (Agg backend already chosen)
+from fedrnn.runs.prepare import cache_dir  # noqa: E402
+from fedrnn.runs.rundir import RunDir  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 POLICIES = ("drop", "partial", "wait")

@@ -16,7 +16,7 @@ interrupted study continues where it stopped (finished runs are kept, a cut run 
   is not selected again. The reported epsilon is the largest any client spent.
 * client-level: Flower's server-side fixed clipping (``privacy.client_level = "fixed"``) with
   the noise calibrated so that all rounds together spend ``epsilon``, accounted without
-  amplification by subsampling (see ``fedrnn.client_dp``).
+  amplification by subsampling (see ``fedrnn.plugins.client_dp``).
 
 Sized for a shared 2-core CPU (about 10 minutes on a quiet one): the default teacher in
 feature-extraction mode (only the classifier head trains and travels: 514 numbers, which is
@@ -40,13 +40,13 @@ sys.path.insert(0, str(ROOT))
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from fedrnn.checkpoint import write_csv, write_json  # noqa: E402
 from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
-from fedrnn.federation import Federation, VirtualClients  # noqa: E402
-from fedrnn.prepare import prepare_run  # noqa: E402
-from fedrnn.rundir import RunDir  # noqa: E402
+from fedrnn.federation.loop import Federation, VirtualClients  # noqa: E402
+from fedrnn.federation.strategies import make_strategy  # noqa: E402
+from fedrnn.model.checkpoint import write_csv, write_json  # noqa: E402
+from fedrnn.runs.prepare import prepare_run  # noqa: E402
+from fedrnn.runs.rundir import RunDir  # noqa: E402
 from fedrnn.simulate import backend_config, start_ray  # noqa: E402
-from fedrnn.strategies import make_strategy  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 EPSILONS = (1.0, 2.0, 4.0, 8.0)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrnn.data import DATA_DIR_ENV
-from fedrnn.models import ModelConfig
-from fedrnn.pretrain import PretrainConfig, pretrain
+from fedrnn.data.loaders import DATA_DIR_ENV
+from fedrnn.model.pretrain import PretrainConfig, pretrain
+from fedrnn.model.rnn import ModelConfig
 
 # One intra-op thread: the tiny test models gain nothing from two, and on a shared 2-core
 # machine two threads per process oversubscribe the CPU and run many times slower.

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrnn.data import (
+from fedrnn.data.loaders import (
     AMAZON_CATEGORIES,
     DataError,
     amazon_split,

@@ -34,7 +34,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from processes import free_port, stop_tree, tree
 
-from fedrnn.data import load_amazon
+from fedrnn.data.loaders import load_amazon
 from server.certs import make_node_key, make_tls
 from server.server_app import app_file
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from fedrnn.checkpoint import load_checkpoint
 from fedrnn.config import ConfigError, config_from_dict
-from fedrnn.device_sim import local_work
 from fedrnn.devices import Fleet
-from fedrnn.models import trainable_names
-from fedrnn.rundir import RunDir
-from fedrnn.wire import record_nbytes, to_record
+from fedrnn.federation.wire import record_nbytes, to_record
+from fedrnn.model.checkpoint import load_checkpoint
+from fedrnn.model.rnn import trainable_names
+from fedrnn.plugins.devices import local_work
+from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "configs" / "fleets" / "example_trace.csv"

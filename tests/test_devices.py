@@ -25,7 +25,7 @@ from fedrnn.devices import (
     select_clients,
     summarize_by_class,
 )
-from fedrnn.models import ModelConfig, SentimentRNN, set_trainable
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, set_trainable
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "fleets" / "example_trace.csv"
 HEADER = "client_id,samples_per_s,down_bps,up_bps,latency_s,active\n"

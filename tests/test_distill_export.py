@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedrnn.checkpoint import load_checkpoint, save_checkpoint
-from fedrnn.data import load_imdb
-from fedrnn.distill import agreement, dataset_logits, distill, ensemble_logits, make_student
-from fedrnn.export import FLOAT_TOLERANCE, INT8_PROB_TOLERANCE, ExportError, export_student, resolve_checkpoint
-from fedrnn.export import main as export_main
-from fedrnn.models import ModelConfig, SentimentRNN, num_parameters
-from fedrnn.predict import EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER, PredictError, Predictor
-from fedrnn.tokenizer import encode
-from fedrnn.training import predict_logits
+from fedrnn.data.loaders import load_imdb
+from fedrnn.data.tokenizer import encode
+from fedrnn.edge.distill import agreement, dataset_logits, distill, ensemble_logits, make_student
+from fedrnn.edge.export import FLOAT_TOLERANCE, INT8_PROB_TOLERANCE, ExportError, export_student, resolve_checkpoint
+from fedrnn.edge.export import main as export_main
+from fedrnn.edge.predict import EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER, PredictError, Predictor
+from fedrnn.model.checkpoint import load_checkpoint, save_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
+from fedrnn.model.training import predict_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,7 @@ def test_export_failing_parity_raises_and_leaves_no_loadable_export(
 ) -> None:
     cfg = ModelConfig(vocab_size=setup["teacher"].cfg.vocab_size, embed_dim=8, hidden_size=8, num_layers=1)
     save_checkpoint(tmp_path / "ckpt", SentimentRNN(cfg), setup["tok"], 32)
-    monkeypatch.setattr("fedrnn.export.INT8_PROB_TOLERANCE", -1.0)  # no int8 model can pass
+    monkeypatch.setattr("fedrnn.edge.export.INT8_PROB_TOLERANCE", -1.0)  # no int8 model can pass
     with pytest.raises(ExportError, match="model.int8.onnx: probabilities differ from torch beyond -1.0"):
         export_student(tmp_path / "ckpt", tmp_path / "export")
     with pytest.raises(PredictError, match="config.json does not exist"):
@@ -224,9 +224,9 @@ def test_predictor_rejects_a_directory_without_an_export(tmp_path: Path) -> None
 
 _NO_TORCH = """
 import runpy, sys
-sys.argv = ["fedrnn.predict", *sys.argv[1:]]
+sys.argv = ["fedrnn.edge.predict", *sys.argv[1:]]
 try:
-    runpy.run_module("fedrnn.predict", run_name="__main__", alter_sys=True)
+    runpy.run_module("fedrnn.edge.predict", run_name="__main__", alter_sys=True)
 finally:
     leaked = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     print("TORCH_MODULES", leaked, file=sys.stderr)
@@ -254,7 +254,7 @@ def test_predict_command_runs_without_torch(exported: Path, setup: dict, tmp_pat
 
 
 def test_predict_command_reports_a_missing_export(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fedrnn.predict", str(tmp_path), "great film"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "fedrnn.edge.predict", str(tmp_path), "great film"], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0 and "config.json does not exist" in proc.stderr
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from processes import free_port, stop_tree
 
-from fedrnn.rundir import RunDir
+from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -25,14 +25,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedrnn.checkpoint import CheckpointError, load_checkpoint, load_tensors, save_checkpoint
 from fedrnn.config import ConfigError, RunConfig, config_from_dict, load_config
-from fedrnn.data import DataError, Reviews, load_review_file, read_jsonl_gz
-from fedrnn.models import ModelConfig, SentimentRNN
-from fedrnn.quantize import QuantizationError, decode, encode
-from fedrnn.tokenizer import train_tokenizer
-from fedrnn.validation import Expected, ReplyRejected, check_reply
-from fedrnn.wire import to_record
+from fedrnn.data.loaders import DataError, Reviews, load_review_file, read_jsonl_gz
+from fedrnn.data.tokenizer import train_tokenizer
+from fedrnn.edge.quantize import QuantizationError, decode, encode
+from fedrnn.federation.wire import to_record
+from fedrnn.model.checkpoint import CheckpointError, load_checkpoint, load_tensors, save_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN
+from fedrnn.plugins.robust import Expected, ReplyRejected, check_reply
 
 # 60 examples per test keeps the file under ~20 s; FEDRNN_FUZZ_EXAMPLES=2000 fuzzes harder.
 # CI replays a fixed example sequence (derandomize) so a merge is judged on the same inputs;
@@ -177,7 +177,7 @@ def test_checkpoint_with_nan_weights_or_oversized_config_is_refused(checkpoint: 
     model, _, _ = load_checkpoint(d2)
     state = model.state_dict()
     state["head.bias"][0] = float("nan")
-    from fedrnn.checkpoint import save_tensors
+    from fedrnn.model.checkpoint import save_tensors
 
     save_tensors(state, d2 / "model.safetensors")
     with pytest.raises(CheckpointError, match="head.bias.*NaN or infinite"):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fedrnn.models import POOLINGS, ModelConfig, SentimentRNN, num_parameters, set_trainable, trainable_names
-from fedrnn.tokenizer import TokenizerError, encode, load_tokenizer, save_tokenizer, train_tokenizer
+from fedrnn.data.tokenizer import TokenizerError, encode, load_tokenizer, save_tokenizer, train_tokenizer
+from fedrnn.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedrnn.model.rnn import POOLINGS, ModelConfig, SentimentRNN, num_parameters, set_trainable, trainable_names
 
 SMALL = dict(vocab_size=60, embed_dim=8, hidden_size=6, dropout=0.0)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrnn.data import AMAZON_CATEGORIES, Reviews, amazon_split, load_amazon
-from fedrnn.partitions import (
+from fedrnn.data.loaders import AMAZON_CATEGORIES, Reviews, amazon_split, load_amazon
+from fedrnn.data.partitions import (
     PartitionError,
     load_partitions,
     partition_amazon,

@@ -13,9 +13,9 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from torch.nn import functional as F
 
-from fedrnn.models import ModelConfig, SentimentRNN, set_trainable
-from fedrnn.per_sample import clipped_grad_sum, per_sample_taps
-from fedrnn.privacy import (
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, set_trainable
+from fedrnn.privacy.dp_sgd import (
     BUDGET_EXHAUSTED,
     TRAINED,
     PrivacyState,
@@ -31,7 +31,7 @@ from fedrnn.privacy import (
     to_dp_model,
     train_dp,
 )
-from fedrnn.tokenizer import Encoded
+from fedrnn.privacy.per_sample import clipped_grad_sum, per_sample_taps
 
 TINY = ModelConfig(vocab_size=200, embed_dim=16, hidden_size=16, dropout=0.0)
 MODES = ("full", "fine-tune", "feature-extraction")

@@ -24,25 +24,25 @@ from messages import reply_metadata
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
-from fedrnn.checkpoint import load_checkpoint
-from fedrnn.client_dp import ClientLevelDP, calibrate_client_noise, gaussian_epsilon
 from fedrnn.config import ConfigError, PrivacySection, config_from_dict
-from fedrnn.federation import OneNodeGrid
-from fedrnn.models import ModelConfig, SentimentRNN, trainable_names
-from fedrnn.partitions import load_partitions, split_holdout
-from fedrnn.privacy import PrivacyState, epsilon
-from fedrnn.privacy_ledger import (
+from fedrnn.data.partitions import load_partitions, split_holdout
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.federation.local import LocalTrainConfig
+from fedrnn.federation.loop import OneNodeGrid
+from fedrnn.federation.strategies import make_strategy
+from fedrnn.federation.wire import from_record, to_record
+from fedrnn.model.checkpoint import load_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, trainable_names
+from fedrnn.plugins.client_dp import ClientLevelDP, calibrate_client_noise, gaussian_epsilon
+from fedrnn.plugins.record_dp import (
     REPLY_RECORD,
     PrivacyLedger,
     device_state_file,
     record_dp_config,
     record_dp_train,
 )
-from fedrnn.rundir import RunDir
-from fedrnn.strategies import make_strategy
-from fedrnn.task import LocalTrainConfig
-from fedrnn.tokenizer import Encoded
-from fedrnn.wire import from_record, to_record
+from fedrnn.privacy.dp_sgd import PrivacyState, epsilon
+from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 420

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedrnn.models import ModelConfig, SentimentRNN
-from fedrnn.quantize import (
+from fedrnn.edge.quantize import (
     QMAX,
     SCALE_SUFFIX,
     ErrorFeedback,
@@ -21,6 +20,7 @@ from fedrnn.quantize import (
     payload_nbytes,
     quantize,
 )
+from fedrnn.model.rnn import ModelConfig, SentimentRNN
 
 FLOAT_EPS = float(np.finfo(np.float32).eps)
 finite32 = st.floats(min_value=-(2.0**126), max_value=2.0**126, width=32)  # the codec accepts |x| <= ~1.7e38

@@ -10,15 +10,15 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from messages import reply_metadata
 
-from fedrnn.attacks import AttackSimulation, attack_of, malicious_clients, poison_data, poison_update
 from fedrnn.config import STRATEGIES, AttackSection, ConfigError, FaultsSection, RobustSection, config_from_dict
-from fedrnn.deadline import ClientDeadlineExceeded, deadline_mod
-from fedrnn.faults import FaultInjection, InjectedFault, inject_fault
-from fedrnn.federation import reported_accuracy
-from fedrnn.strategies import make_strategy
-from fedrnn.tokenizer import Encoded
-from fedrnn.validation import Expected, ReplyRejected, ReplyValidator, check_reply, low_median
-from fedrnn.wire import to_record
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.federation.deadline import ClientDeadlineExceeded, deadline_mod
+from fedrnn.federation.loop import reported_accuracy
+from fedrnn.federation.strategies import make_strategy
+from fedrnn.federation.wire import to_record
+from fedrnn.plugins.attack import AttackSimulation, attack_of, malicious_clients, poison_data, poison_update
+from fedrnn.plugins.faults import FaultInjection, InjectedFault, inject_fault
+from fedrnn.plugins.robust import Expected, ReplyRejected, ReplyValidator, check_reply, low_median
 
 GLOBAL = {"head.weight": np.zeros((2, 3), np.float32), "head.bias": np.zeros(2, np.float32)}
 

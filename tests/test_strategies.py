@@ -9,9 +9,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from messages import reply_metadata
 
 from fedrnn.config import config_from_dict
-from fedrnn.federation import OneNodeGrid
-from fedrnn.strategies import load_strategy_state, make_strategy, strategy_state
-from fedrnn.wire import from_record, to_record
+from fedrnn.federation.loop import OneNodeGrid
+from fedrnn.federation.strategies import load_strategy_state, make_strategy, strategy_state
+from fedrnn.federation.wire import from_record, to_record
 
 # record order as the round loop sends it (model order), deliberately not alphabetical
 GLOBAL = {"rnn.1.fwd.weight_ih_l0": np.zeros((4, 3), np.float32), "head.weight": np.zeros((2, 3), np.float32),

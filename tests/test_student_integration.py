@@ -2,8 +2,8 @@
 
 The end-to-end run is one real Flower simulation (tiny teacher, real data) with everything on:
 int8 broadcast, int8 updates with stochastic rounding and error feedback, a student distilled
-every round and shipped to the clients as int8; then ``python -m fedrnn.export`` on the run
-directory and ``python -m fedrnn.predict`` on the export.
+every round and shipped to the clients as int8; then ``python -m fedrnn.edge.export`` on the run
+directory and ``python -m fedrnn.edge.predict`` on the export.
 """
 
 from __future__ import annotations
@@ -22,19 +22,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from messages import reply_metadata
 
-from fedrnn.checkpoint import load_checkpoint
-from fedrnn.compression import CLIENT_STATE_DIR, Int8Compression, ResidualStore, decode_downlink, encode_uplink
 from fedrnn.config import CompressionSection, ConfigError, load_config
-from fedrnn.data import amazon_split, load_amazon
-from fedrnn.distill_plugin import StudentDistillation
-from fedrnn.federation import Federation
-from fedrnn.models import ModelConfig, SentimentRNN, trainable_names
-from fedrnn.prepare import prepare_run
-from fedrnn.quantize import SCALE_SUFFIX, encode
-from fedrnn.rundir import RunDir
-from fedrnn.strategies import make_strategy
-from fedrnn.tokenizer import encode as encode_texts
-from fedrnn.wire import record_nbytes, to_record
+from fedrnn.data.loaders import amazon_split, load_amazon
+from fedrnn.data.tokenizer import encode as encode_texts
+from fedrnn.edge.quantize import SCALE_SUFFIX, encode
+from fedrnn.federation.loop import Federation
+from fedrnn.federation.strategies import make_strategy
+from fedrnn.federation.wire import record_nbytes, to_record
+from fedrnn.model.checkpoint import load_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, trainable_names
+from fedrnn.plugins.compression import CLIENT_STATE_DIR, Int8Compression, ResidualStore, decode_downlink, encode_uplink
+from fedrnn.plugins.distill import StudentDistillation
+from fedrnn.runs.prepare import prepare_run
+from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 420
@@ -303,9 +303,9 @@ def test_int8_broadcast_is_4x_smaller_for_the_default_teacher() -> None:
 
 
 def test_export_and_predict_on_the_run(student_run: Path, tmp_path: Path, data_dir: Path) -> None:
-    """The run's student exports; ``fedrnn.predict`` classifies real reviews like the torch student does."""
+    """The run's student exports; ``fedrnn.edge.predict`` classifies real reviews like the torch student does."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "fedrnn.export", str(student_run), "--out", str(tmp_path / "edge")],
+    r = subprocess.run([sys.executable, "-m", "fedrnn.edge.export", str(student_run), "--out", str(tmp_path / "edge")],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _, test = amazon_split(load_amazon(data_dir))
@@ -315,7 +315,7 @@ def test_export_and_predict_on_the_run(student_run: Path, tmp_path: Path, data_d
     with torch.no_grad():
         probs = torch.softmax(student(torch.from_numpy(enc.ids.astype(np.int64)), torch.from_numpy(enc.lengths)), 1)
     for flag in ("--float", None):
-        r = subprocess.run([sys.executable, "-m", "fedrnn.predict", str(tmp_path / "edge"), *texts,
+        r = subprocess.run([sys.executable, "-m", "fedrnn.edge.predict", str(tmp_path / "edge"), *texts,
                             *([flag] if flag else [])], env=env, cwd=ROOT, capture_output=True, text=True,
                            timeout=TIMEOUT)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -10,7 +10,7 @@ functions, so planning rounds never pays for it.
 One job per module: ``profiles`` (devices and networks with their sources), ``availability``
 (online patterns), ``fleet`` (who has which device), ``trace`` (trace-file loading and its
 format), ``clock`` (round planning), ``memory`` (training-memory estimate and adaptation),
-``calibration`` (host throughput). :mod:`fedrnn.device_sim` wires them into the round loop.
+``calibration`` (host throughput). :mod:`fedrnn.plugins.devices` wires them into the round loop.
 
 API (what the server calls, in round order)
 -------------------------------------------

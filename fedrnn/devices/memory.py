@@ -24,7 +24,7 @@ def _parameter_counts(model_cfg: Any, mode: str) -> tuple[int, int]:
     """(all, trainable) parameter counts, exact, from a model built on the meta device (no memory)."""
     import torch
 
-    from fedrnn.models import SentimentRNN, trainable_names
+    from fedrnn.model.rnn import SentimentRNN, trainable_names
 
     with torch.device("meta"):
         model = SentimentRNN(model_cfg)
@@ -53,7 +53,7 @@ def memory_breakdown(
     362 (feature-extraction); batch 16 x 200: 104-109 / 139 (full), 54-57 / 55 (feature-extraction).
     Not yet checked for GRU or bidirectional models.
     """
-    from fedrnn.models import TRANSFER_MODES
+    from fedrnn.model.rnn import TRANSFER_MODES
 
     if mode not in TRANSFER_MODES:
         raise DeviceError(f"transfer mode must be one of {TRANSFER_MODES}, got {mode!r}")

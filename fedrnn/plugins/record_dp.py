@@ -1,10 +1,10 @@
 """Record-level DP across rounds: each client's privacy accountant, kept between ephemeral ClientApps.
 
-What this protects. One **review** of one device (see ``fedrnn.privacy``): every model update
+What this protects. One **review** of one device (see ``fedrnn.privacy.dp_sgd``): every model update
 a client ever sends is the output of DP-SGD, so the server, the other clients and anyone who
 sees a global model learn almost the same whether or not any single review was in that
 device's data. It does not hide a device's overall data (its style, label mix, size, or that
-it took part); that is client-level DP (``fedrnn.client_dp``). Metrics sent next to an
+it took part); that is client-level DP (``fedrnn.plugins.client_dp``). Metrics sent next to an
 update (loss, accuracy, example count) are not privatised.
 
 How epsilon is accounted. A ClientApp is a fresh process each round, so the accountant's
@@ -46,15 +46,15 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 
-from fedrnn.checkpoint import write_json
-from fedrnn.client_dp import ClientLevelLedger
 from fedrnn.config import PrivacySection, RunConfig
-from fedrnn.federation import Federation, RoundPlugin, percentile
-from fedrnn.models import SentimentRNN
-from fedrnn.privacy import TRAINED, PrivacyState, epsilon, new_privacy_state, planned_steps, train_dp
-from fedrnn.task import LocalTrainConfig
-from fedrnn.tokenizer import Encoded
-from fedrnn.wire import state_to_arrays
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.federation.local import LocalTrainConfig
+from fedrnn.federation.loop import Federation, RoundPlugin, percentile
+from fedrnn.federation.wire import state_to_arrays
+from fedrnn.model.checkpoint import write_json
+from fedrnn.model.rnn import SentimentRNN
+from fedrnn.plugins.client_dp import ClientLevelLedger
+from fedrnn.privacy.dp_sgd import TRAINED, PrivacyState, epsilon, new_privacy_state, planned_steps, train_dp
 
 STATE_PREFIX = "dp-state-"  # config keys carrying the client's PrivacyState to it
 REPLY_RECORD = "privacy"  # the ConfigRecord carrying it back

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedrnn.checkpoint import load_checkpoint
-from fedrnn.data import load_review_file
-from fedrnn.models import ModelConfig, SentimentRNN, set_trainable
-from fedrnn.partitions import load_partitions, split_holdout
-from fedrnn.target import load_target
-from fedrnn.tokenizer import Encoded, encode
-from fedrnn.training import evaluate, train_steps
+from fedrnn.data.loaders import load_review_file
+from fedrnn.data.partitions import load_partitions, split_holdout
+from fedrnn.data.target import load_target
+from fedrnn.data.tokenizer import Encoded, encode
+from fedrnn.model.checkpoint import load_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, set_trainable
+from fedrnn.model.training import evaluate, train_steps
 
 
 @dataclass(frozen=True)

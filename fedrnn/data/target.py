@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from fedrnn.data import amazon_split, imdb_validation_split, load_amazon, load_imdb
-from fedrnn.tokenizer import Encoded, encode
+from fedrnn.data.loaders import amazon_split, imdb_validation_split, load_amazon, load_imdb
+from fedrnn.data.tokenizer import Encoded, encode
 
 SPLITS = ("pool", "test", "retention")
 

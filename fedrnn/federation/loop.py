@@ -25,13 +25,13 @@ from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
 from fedrnn.config import RunConfig
-from fedrnn.evaluation import ServerEvaluator
-from fedrnn.models import SentimentRNN, trainable_names
-from fedrnn.rundir import RunDir
-from fedrnn.strategies import load_strategy_state, strategy_state
-from fedrnn.target import load_target
-from fedrnn.task import build_model, load_base
-from fedrnn.wire import from_record, record_nbytes, to_record
+from fedrnn.data.target import load_target
+from fedrnn.federation.evaluation import ServerEvaluator
+from fedrnn.federation.local import build_model, load_base
+from fedrnn.federation.strategies import load_strategy_state, strategy_state
+from fedrnn.federation.wire import from_record, record_nbytes, to_record
+from fedrnn.model.rnn import SentimentRNN, trainable_names
+from fedrnn.runs.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class Federation:
         # This round's global tensors and training messages (message id -> client), for reply validation.
         self.current_arrays: dict[str, np.ndarray] = {}
         self.sent: dict[str, int] = {}
-        self.codec: Codec | None = None  # set by a plugin's setup (fedrnn.compression); None = float32 as is
+        self.codec: Codec | None = None  # set by a plugin's setup (fedrnn.plugins.compression); None = float32 as is
 
     # ------------------------------------------------------------------ model
     def initial_arrays(self) -> dict[str, np.ndarray]:

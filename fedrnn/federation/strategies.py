@@ -35,7 +35,7 @@ def make_strategy(cfg: RunConfig) -> Strategy:
     )
     name = cfg.run.strategy
     if cfg.privacy.client_level != "off":  # Flower's DP wrapper around a uniform FedAvg/FedProx (see client_dp)
-        from fedrnn.client_dp import UNIFORM_WEIGHT, ClientLevelDP  # lazy: client_dp imports the round loop
+        from fedrnn.plugins.client_dp import UNIFORM_WEIGHT, ClientLevelDP  # lazy: client_dp imports the round loop
 
         uniform = {**common, "weighted_by_key": UNIFORM_WEIGHT}
         inner = FedProx(**uniform, proximal_mu=cfg.client.proximal_mu) if name == "fedprox" else FedAvg(**uniform)

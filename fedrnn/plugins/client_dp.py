@@ -9,7 +9,7 @@ estimated) and adds ``N(0, (sigma C / m)^2)`` to the average of the ``m`` clippe
 global models is then (epsilon, delta)-DP with respect to adding or removing one client's
 entire data: nobody who sees the global models can tell much whether a given device took
 part. It assumes a trusted server, which sees the raw updates before clipping and noise;
-record-level DP (``fedrnn.privacy_ledger``) protects single reviews even from the server,
+record-level DP (``fedrnn.plugins.record_dp``) protects single reviews even from the server,
 and the two compose.
 
 Accounting. Every round whose aggregate is released is one Gaussian mechanism with noise
@@ -55,7 +55,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedrnn.config import ConfigError, RunConfig
-from fedrnn.federation import Federation, RoundPlugin
+from fedrnn.federation.loop import Federation, RoundPlugin
 
 UNIFORM_WEIGHT = "dp-uniform-weight"  # the weight key the inner FedAvg averages by: 1 per client
 

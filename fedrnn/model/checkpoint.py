@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from fedrnn.models import ModelConfig, SentimentRNN
-from fedrnn.tokenizer import TokenizerError, load_tokenizer, save_tokenizer
+from fedrnn.data.tokenizer import TokenizerError, load_tokenizer, save_tokenizer
+from fedrnn.model.rnn import ModelConfig, SentimentRNN
 
 FORMAT = "fedrnn-checkpoint"
 WEIGHTS, CONFIG, TOKENIZER, METRICS = "model.safetensors", "config.json", "tokenizer.json", "metrics.json"

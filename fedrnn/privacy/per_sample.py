@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedrnn.models import SentimentRNN
+from fedrnn.model.rnn import SentimentRNN
 
 
 class _Tap(nn.Module):

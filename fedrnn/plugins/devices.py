@@ -23,6 +23,8 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedrnn.config import DevicesSection
+from fedrnn.data.partitions import load_partitions, split_holdout
+from fedrnn.data.tokenizer import Encoded
 from fedrnn.devices import (
     HOUR,
     Fleet,
@@ -33,19 +35,17 @@ from fedrnn.devices import (
     plan_round,
     summarize_by_class,
 )
-from fedrnn.federation import Federation, RoundPlugin, VirtualClients
-from fedrnn.partitions import load_partitions, split_holdout
-from fedrnn.quantize import encode
-from fedrnn.task import build_model
-from fedrnn.tokenizer import Encoded
-from fedrnn.training import evaluate
-from fedrnn.wire import record_nbytes, to_record
+from fedrnn.edge.quantize import encode
+from fedrnn.federation.local import build_model
+from fedrnn.federation.loop import Federation, RoundPlugin, VirtualClients
+from fedrnn.federation.wire import record_nbytes, to_record
+from fedrnn.model.training import evaluate
 
 REPORTED = ("ok", "partial")
 
 
 def local_work(train_examples: int, epochs: int, batch_size: int, max_steps: int) -> tuple[int, int]:
-    """(samples, optimizer steps) a client trains with no deadline, as ``fedrnn.training.train_steps`` does.
+    """(samples, optimizer steps) a client trains with no deadline, as ``fedrnn.model.training.train_steps`` does.
 
     Every epoch is ``ceil(n / batch)`` length-bucketed batches; ``max_steps`` (0 = none) caps the
     steps, and then the samples at ``max_steps x batch``.
@@ -127,7 +127,7 @@ class DeviceSimulation(RoundPlugin):
         """Bytes of one client's download and upload: the records that really travel this round.
 
         Down: what ``Federation.messages`` sends, through the federation's codec if one is set
-        (``fedrnn.compression`` encodes int8; encoding is deterministic, so this call yields the
+        (``fedrnn.plugins.compression`` encodes int8; encoding is deterministic, so this call yields the
         same record). Up: the trained tensors, or their int8 update under ``compression.uplink``
         (same names and shapes as the download, so the same int8 size whatever the values).
         """

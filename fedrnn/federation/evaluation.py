@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrnn.models import SentimentRNN
-from fedrnn.target import TargetData
-from fedrnn.training import predict_logits, scores
+from fedrnn.data.target import TargetData
+from fedrnn.model.rnn import SentimentRNN
+from fedrnn.model.training import predict_logits, scores
 
 AMAZON_GROUPS_MAX = 8  # per-group metrics only where groups are few (categories, not movies)
 

@@ -22,8 +22,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message
 
 from fedrnn.config import ATTACKS, AttackSection, ConfigError
-from fedrnn.federation import Federation, RoundPlugin
-from fedrnn.tokenizer import Encoded
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.federation.loop import Federation, RoundPlugin
 
 
 def malicious_clients(num_clients: int, k: int, seed: int) -> list[int]:

@@ -1,10 +1,10 @@
-"""Classify reviews with an exported student: ``python -m fedrnn.predict EXPORT_DIR "text" ...``.
+"""Classify reviews with an exported student: ``python -m fedrnn.edge.predict EXPORT_DIR "text" ...``.
 
 Runs on onnxruntime + tokenizers + numpy only — torch is never imported, here or in the
 modules this one imports — so the deployable model works on a device with a few MB to
 spare. Texts go through the same cleaning and tokenization as in training
-(``fedrnn.data.clean_text``, ``fedrnn.tokenizer.encode``). This module also owns the
-layout of an export directory, which ``fedrnn.export`` writes.
+(``fedrnn.data.loaders.clean_text``, ``fedrnn.data.tokenizer.encode``). This module also owns the
+layout of an export directory, which ``fedrnn.edge.export`` writes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fedrnn.data import clean_text
-from fedrnn.tokenizer import TokenizerError, encode, load_tokenizer
+from fedrnn.data.loaders import clean_text
+from fedrnn.data.tokenizer import TokenizerError, encode, load_tokenizer
 
 EXPORT_FORMAT = "fedrnn-onnx"
 EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER = "config.json", "model.onnx", "model.int8.onnx", "tokenizer.json"
@@ -42,7 +42,9 @@ class Predictor:
         d = Path(export_dir)
         cfg_path = d / EXPORT_CONFIG
         if not cfg_path.is_file():
-            raise PredictError(f"{cfg_path} does not exist; run `python -m fedrnn.export CHECKPOINT --out {d}` first")
+            raise PredictError(
+                f"{cfg_path} does not exist; run `python -m fedrnn.edge.export CHECKPOINT --out {d}` first"
+            )
         try:
             cfg = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -90,7 +92,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("export_dir", help="directory written by `python -m fedrnn.export`")
+    parser.add_argument("export_dir", help="directory written by `python -m fedrnn.edge.export`")
     parser.add_argument("texts", nargs="*", help="reviews to classify")
     parser.add_argument("--file", help="text file with one review per line (blank lines skipped)")
     parser.add_argument("--float", dest="quantized", action="store_false", help="use the float model, not int8")

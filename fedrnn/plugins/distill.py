@@ -1,7 +1,7 @@
 """Round plugin: distil a compact student from the federated model, ship it to devices as int8.
 
 Every ``distill.every_k_rounds`` rounds (and after the last) the server trains a small
-``SentimentRNN`` (``fedrnn.distill``) to mimic the freshly aggregated global model — or, with
+``SentimentRNN`` (``fedrnn.edge.distill``) to mimic the freshly aggregated global model — or, with
 ``distill.feddf``, the ensemble of the round's client models (FedDF) — on a fresh random
 subsample of the unlabelled IMDB reviews it holds. The student is warm-started from the
 previous distillation (kept in the plugin state, so ``--resume`` continues it) and its
@@ -11,9 +11,9 @@ Each distillation:
 * evaluates the student server-side like the global model (``student_target_accuracy``, ...),
   both in float32 and as the int8 weights a device receives;
 * saves ``runs/NAME/student/`` (a checkpoint with the teacher's tokenizer), which
-  ``python -m fedrnn.export runs/NAME`` turns into the deployable ONNX model;
+  ``python -m fedrnn.edge.export runs/NAME`` turns into the deployable ONNX model;
 * with ``distill.ship``, sends every weight of the student, embedding included, as int8
-  (``fedrnn.quantize``) to the round's clients in an EVALUATE message flagged ``student=1``;
+  (``fedrnn.edge.quantize``) to the round's clients in an EVALUATE message flagged ``student=1``;
   each decodes it, builds the student from the config sent alongside and reports its accuracy
   on its own held-out reviews. The bytes shipped are counted from the records that travel.
 """
@@ -31,20 +31,20 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from tokenizers import Tokenizer
 
-from fedrnn.checkpoint import load_checkpoint, save_checkpoint
 from fedrnn.config import DistillSection
-from fedrnn.data import load_imdb
-from fedrnn.distill import distill, make_student
-from fedrnn.export import STUDENT_SUBDIR
-from fedrnn.federation import Federation, RoundPlugin, percentile
-from fedrnn.models import ModelConfig, SentimentRNN, num_parameters
-from fedrnn.prepare import cache_dir
-from fedrnn.quantize import decode, encode
-from fedrnn.task import local_evaluate
-from fedrnn.tokenizer import Encoded
-from fedrnn.tokenizer import encode as encode_texts
-from fedrnn.training import evaluate
-from fedrnn.wire import from_record, record_nbytes, to_record
+from fedrnn.data.loaders import load_imdb
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.data.tokenizer import encode as encode_texts
+from fedrnn.edge.distill import distill, make_student
+from fedrnn.edge.export import STUDENT_SUBDIR
+from fedrnn.edge.quantize import decode, encode
+from fedrnn.federation.local import local_evaluate
+from fedrnn.federation.loop import Federation, RoundPlugin, percentile
+from fedrnn.federation.wire import from_record, record_nbytes, to_record
+from fedrnn.model.checkpoint import load_checkpoint, save_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
+from fedrnn.model.training import evaluate
+from fedrnn.runs.prepare import cache_dir
 
 TRANSFER_SEED = 13  # fixes which unlabelled reviews form a pool of a given size
 

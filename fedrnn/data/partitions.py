@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrnn.data import AMAZON_CATEGORIES, DataError, Reviews
+from fedrnn.data.loaders import AMAZON_CATEGORIES, DataError, Reviews
 
 
 class PartitionError(ValueError):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedrnn.checkpoint import load_tensors, read_json, save_tensors, write_json
+from fedrnn.model.checkpoint import load_tensors, read_json, save_tensors, write_json
 
 
 class RunDir:

@@ -7,7 +7,7 @@ of its training job. What the run must survive:
 
 * ``raise``: the ClientApp raises; Flower turns it into an error reply (the slot fails);
 * ``hang``: the ClientApp sleeps ``hang-s`` seconds; the server stops waiting after
-  ``server.timeout_s`` and the client's own deadline (``fedrnn.deadline``) frees its worker;
+  ``server.timeout_s`` and the client's own deadline (``fedrnn.federation.deadline``) frees its worker;
 * ``crash``: the ClientApp's process dies (``os._exit``), as on an out-of-memory kill; on
   the Simulation Engine that is a dead Ray actor, which Ray restarts (see ``fedrnn.simulate``).
 
@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from fedrnn.config import FaultsSection
-from fedrnn.federation import RoundPlugin
+from fedrnn.federation.loop import RoundPlugin
 
 
 class InjectedFault(RuntimeError):

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedrnn.models import ModelConfig, SentimentRNN
-from fedrnn.tokenizer import Encoded
-from fedrnn.training import length_bucketed_batches, predict_logits, to_tensors
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.model.rnn import ModelConfig, SentimentRNN
+from fedrnn.model.training import length_bucketed_batches, predict_logits, to_tensors
 
 
 def make_student(

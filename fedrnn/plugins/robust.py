@@ -26,8 +26,8 @@ from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 
 from fedrnn.config import RobustSection
-from fedrnn.federation import Federation, RoundPlugin, VirtualClients
-from fedrnn.partitions import load_partitions, split_holdout
+from fedrnn.data.partitions import load_partitions, split_holdout
+from fedrnn.federation.loop import Federation, RoundPlugin, VirtualClients
 
 # Metrics the round loop reads from every reply; they must be present and finite.
 REQUIRED_METRICS = ("num-examples", "client-id", "train-loss", "train-seconds")

@@ -1,9 +1,9 @@
-"""Export the deployable student: ``python -m fedrnn.export RUN_OR_CHECKPOINT_DIR --out DIR``.
+"""Export the deployable student: ``python -m fedrnn.edge.export RUN_OR_CHECKPOINT_DIR --out DIR``.
 
 Writes ``model.onnx`` (float32), ``model.int8.onnx`` (onnxruntime dynamic quantization:
 int8 weights, per-channel for the LSTM and linear layers, activations quantized on the fly),
 the checkpoint's ``tokenizer.json`` and a ``config.json`` with ``max_len``, class names,
-sizes and the measured parity. ``fedrnn.predict`` runs the result without torch.
+sizes and the measured parity. ``fedrnn.edge.predict`` runs the result without torch.
 
 The model is exported with the torch.export-based ONNX exporter (``dynamo=True``), the
 supported one since torch 2.9, with batch and sequence length as dynamic axes. The example
@@ -38,9 +38,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from fedrnn.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint, write_json
-from fedrnn.models import SentimentRNN
-from fedrnn.predict import (
+from fedrnn.edge.predict import (
     EXPORT_CONFIG,
     EXPORT_FORMAT,
     FLOAT_MODEL,
@@ -51,6 +49,8 @@ from fedrnn.predict import (
     Predictor,
     softmax,
 )
+from fedrnn.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint, write_json
+from fedrnn.model.rnn import SentimentRNN
 
 FLOAT_TOLERANCE = 1e-4  # max |logit difference|, ONNX float32 vs torch
 INT8_PROB_TOLERANCE = 0.05  # max |probability difference|, ONNX int8 vs torch

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from fedrnn.checkpoint import load_checkpoint
 from fedrnn.config import RunConfig
-from fedrnn.data import Reviews
-from fedrnn.federation import Prepared
-from fedrnn.partitions import partition_amazon, partition_by_group, save_partitions
-from fedrnn.pretrain import PretrainConfig, pretrain
-from fedrnn.rundir import RunDir
-from fedrnn.target import load_target, prepare_target
+from fedrnn.data.loaders import Reviews
+from fedrnn.data.partitions import partition_amazon, partition_by_group, save_partitions
+from fedrnn.data.target import load_target, prepare_target
+from fedrnn.federation.loop import Prepared
+from fedrnn.model.checkpoint import load_checkpoint
+from fedrnn.model.pretrain import PretrainConfig, pretrain
+from fedrnn.runs.rundir import RunDir
 
 CACHE_ENV = "FEDRNN_CACHE_DIR"
 

@@ -1,4 +1,4 @@
-"""Pretrain the IMDB teacher: ``python -m fedrnn.pretrain --out cache/teacher``.
+"""Pretrain the IMDB teacher: ``python -m fedrnn.model.pretrain --out cache/teacher``.
 
 Trains the tokenizer and the LSTM on IMDB train, early-stops on a validation slice carved
 by movie id, and writes a checkpoint directory with IMDB test accuracy and the zero-shot
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedrnn.checkpoint import save_checkpoint
-from fedrnn.data import AMAZON_CATEGORIES, amazon_split, imdb_validation_split, load_amazon, load_imdb
-from fedrnn.models import ModelConfig, SentimentRNN, num_parameters
-from fedrnn.tokenizer import encode, train_tokenizer
-from fedrnn.training import evaluate, train_steps
+from fedrnn.data.loaders import AMAZON_CATEGORIES, amazon_split, imdb_validation_split, load_amazon, load_imdb
+from fedrnn.data.tokenizer import encode, train_tokenizer
+from fedrnn.model.checkpoint import save_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
+from fedrnn.model.training import evaluate, train_steps
 
 
 @dataclass

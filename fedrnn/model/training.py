@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedrnn.tokenizer import Encoded
+from fedrnn.data.tokenizer import Encoded
 
 
 def length_bucketed_batches(

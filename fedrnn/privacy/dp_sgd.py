@@ -36,7 +36,7 @@ epsilon it would reach is computed; if that exceeds the budget the client does n
 Engines (all exact, all feeding the same batches to the same accountant):
 ``"microbatch"`` runs each sampled review alone through the plain model, the fastest on
 the clients' single CPU thread whenever a recurrent layer trains; ``"fused"`` gets a whole
-batch's per-sample gradients in one pass (``fedrnn.per_sample``), the fastest when only
+batch's per-sample gradients in one pass (``fedrnn.privacy.per_sample``), the fastest when only
 the head trains and for hardware where batching pays; ``"auto"`` (default) picks between
 them by transfer mode. ``"opacus"`` runs Opacus's own ``GradSampleModule`` and
 ``DPOptimizer`` on the ``DPLSTM`` twin (``to_dp_model``) with any of its grad-sample
@@ -60,10 +60,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedrnn.models import TRANSFER_MODES, SentimentRNN, set_trainable
-from fedrnn.per_sample import clipped_grad_sum, microbatch_clipped_sum, per_sample_taps
-from fedrnn.tokenizer import Encoded
-from fedrnn.training import to_tensors
+from fedrnn.data.tokenizer import Encoded
+from fedrnn.model.rnn import TRANSFER_MODES, SentimentRNN, set_trainable
+from fedrnn.model.training import to_tensors
+from fedrnn.privacy.per_sample import clipped_grad_sum, microbatch_clipped_sum, per_sample_taps
 
 ENGINES = ("auto", "microbatch", "fused", "opacus")
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")

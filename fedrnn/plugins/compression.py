@@ -1,6 +1,6 @@
 """Int8 on the wire, both ends: the server's global-model broadcast and the clients' updates.
 
-Formats (``fedrnn.quantize``: per-row int8 plus float32 ``name.__scale``, ~4x fewer bytes):
+Formats (``fedrnn.edge.quantize``: per-row int8 plus float32 ``name.__scale``, ~4x fewer bytes):
 
 * **Downlink** (``compression.downlink = "int8"``): the trainable global tensors, rounded to
   nearest. A payload is self-describing (scale entries), so a client decodes whatever it is
@@ -37,9 +37,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.logger import log
 
 from fedrnn.config import CompressionSection
-from fedrnn.federation import Federation, RoundPlugin
-from fedrnn.quantize import SCALE_SUFFIX, ErrorFeedback, QuantizationError, decode, encode
-from fedrnn.wire import from_record, record_nbytes, to_record
+from fedrnn.edge.quantize import SCALE_SUFFIX, ErrorFeedback, QuantizationError, decode, encode
+from fedrnn.federation.loop import Federation, RoundPlugin
+from fedrnn.federation.wire import from_record, record_nbytes, to_record
 
 CLIENT_STATE_DIR = "client_state"  # under the run directory: error-feedback residuals per virtual client
 STATE_KEY = "fedrnn-error-feedback"  # Context.state entry on a real device

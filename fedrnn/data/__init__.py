@@ -1,0 +1,3 @@
+"""Step 1 of a run: reviews in (loaders), tokens out (tokenizer), the target pool (target),
+clients' shards (partitions).
+"""

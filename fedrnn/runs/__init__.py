@@ -1,0 +1,3 @@
+"""Step 5: a run's outputs: the run directory (rundir), files prepared before round 1 (prepare),
+plots (plots).
+"""
