@@ -12,9 +12,9 @@ in its review and scores of two models are comparable even where their labels di
     and the same student as the int8 model a device runs (``--student-export``, written by
     ``python -m fedrnn.edge.export``), on seeded IMDB test and Amazon test samples. Per pair of
     models: Spearman rank correlation of the word scores within a review (mean over reviews),
-    overlap of the 5 most influential words (largest |score|), and label agreement. The same
-    numbers for the teacher's occlusion against its own integrated gradients give the yardstick
-    of how much two *methods* differ on one model.
+    overlap of the 5 most influential words (largest |score|), and label agreement
+    (``fedrnn.explain.compare``). The yardstick of how much two *methods* differ on one model,
+    the teacher's occlusion against its integrated gradients, is in the faithfulness results.
 (b) **Before -> after federated fine-tuning**, per Amazon category: the teacher against the final
     global model of a federated run (``--run``), on the category's test reviews: the same
     agreement numbers, both models' accuracy, and per word (lower-cased, punctuation stripped,
@@ -40,21 +40,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrnn.data.loaders import AMAZON_CATEGORIES, Reviews  # noqa: E402
 from fedrnn.edge.explain import ProbFn, Segmented, explain, occlusion, segment, to_html, to_rich  # noqa: E402
 from fedrnn.edge.predict import Predictor  # noqa: E402
-from fedrnn.explain.attribution import TorchModel, integrated_gradients, load_model  # noqa: E402
+from fedrnn.explain.attribution import load_model  # noqa: E402
+from fedrnn.explain.compare import TOP, agreement  # noqa: E402
 from fedrnn.explain.samples import amazon_test_sample, imdb_test_sample  # noqa: E402
 from fedrnn.model.checkpoint import write_csv, write_json  # noqa: E402
 from fedrnn.runs.prepare import cache_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POSITIVE = 1
-TOP = 5
 _STRIP = re.compile(r"^\W+|\W+$")
 
 
@@ -64,16 +63,9 @@ def scores_of(prob_fn: ProbFn, seg: Segmented) -> tuple[np.ndarray, np.ndarray]:
     return probs, s
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Spearman correlation of two score vectors (NaN if either is constant) and top-|score| overlap."""
-    k = min(TOP, len(a))
-    rho = float(spearmanr(a, b).statistic) if len(a) > 2 and np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
-    top_a, top_b = set(np.argsort(-np.abs(a))[:k]), set(np.argsort(-np.abs(b))[:k])
-    return rho, len(top_a & top_b) / k
-
-
-def compare(models: dict[str, tuple[object, ProbFn]], reviews: Reviews, pairs: list[tuple[str, str]],
-            teacher_ig: TorchModel | None = None) -> dict[str, list]:
+def compare(
+    models: dict[str, tuple[object, ProbFn]], reviews: Reviews, pairs: list[tuple[str, str]]
+) -> dict[str, list]:
     """Explain every review with every model; per pair the per-review agreement, plus raw scores for part (b)."""
     out: dict[str, list] = defaultdict(list)
     for i, text in enumerate(reviews.texts):
@@ -82,8 +74,6 @@ def compare(models: dict[str, tuple[object, ProbFn]], reviews: Reviews, pairs: l
         if len(seg.visible) < 3:
             continue
         res = {name: scores_of(fn, seg) for name, (_, fn) in models.items()}
-        if teacher_ig is not None:
-            res["teacher IG"] = (res["teacher"][0], integrated_gradients(teacher_ig, seg, POSITIVE))
         for a, b in pairs:
             rho, overlap = agreement(res[a][1], res[b][1])
             out[f"{a}|{b}"].append((rho, overlap, res[a][0].argmax() == res[b][0].argmax()))
@@ -181,14 +171,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{a.student_export}: max_len {student['student int8'].max_len} differs from the teacher's "
                          f"{teacher.max_len}; the study compares word scores on the same tokens")
     models_a = {"teacher": (teacher, teacher.probs)} | {k: (v, v.probs) for k, v in student.items()}
-    pairs_a = [("teacher", "student float"), ("student float", "student int8"), ("teacher", "student int8"),
-               ("teacher", "teacher IG")]
+    pairs_a = [("teacher", "student float"), ("student float", "student int8"), ("teacher", "student int8")]
     rows: list[dict] = []
     samples = {"imdb_test": imdb_test_sample(a.imdb, a.seed), "amazon_test": amazon_test_sample(a.amazon_per_category,
                                                                                                 a.seed)}
     for name, reviews in samples.items():
         print(f"(a) {name}: {len(reviews)} reviews", flush=True)
-        rows += pair_rows("a: compression", name, compare(models_a, reviews, pairs_a, teacher), pairs_a)
+        rows += pair_rows("a: compression", name, compare(models_a, reviews, pairs_a), pairs_a)
     words: list[dict] = []
     acc: dict[str, dict] = {}
     if a.run:

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_intermixed_args(argv)
     if a.top < 1:
         parser.error(f"--top must be >= 1, got {a.top}")
+    if a.limit is not None and a.limit < 1:
+        parser.error(f"--limit must be >= 1, got {a.limit}")
     if bool(a.data) != bool(a.out):
         parser.error("batch mode needs both --data and --out")
     if not a.texts and not a.data:
