@@ -18,6 +18,7 @@ from fedrnn.edge.predict import Predictor
 from fedrnn.explain.__main__ import main as explain_main
 from fedrnn.explain.attribution import TorchModel, integrated_gradients, load_model, random_scores
 from fedrnn.explain.attribution import occlusion as captum_occlusion
+from fedrnn.explain.compare import agreement
 from fedrnn.explain.faithfulness import FRACTIONS, aopc, counts, curves
 from fedrnn.model.checkpoint import CheckpointError, load_checkpoint, write_json
 
@@ -218,3 +219,14 @@ def test_explain_command_reads_a_run_directory_and_names_bad_inputs(
 
 def _with_max_len(m: TorchModel, max_len: int) -> TorchModel:
     return TorchModel(m.model, m.tokenizer, max_len, m.labels)
+
+
+def test_agreement_of_two_attributions() -> None:
+    a = np.array([0.5, -0.1, 0.2, 0.0, -0.4, 0.3])
+    assert agreement(a, a) == (pytest.approx(1.0), 1.0)
+    rho, overlap = agreement(a, -a)
+    assert rho == pytest.approx(-1.0) and overlap == 1.0  # same influential words, opposite directions
+    assert agreement(a, np.arange(6.0), top=2) == (pytest.approx(-0.2571428), 0.5)  # top-2: {0, 4} vs {5, 4}
+    assert np.isnan(agreement(a, np.zeros(6))[0])
+    with pytest.raises(ValueError, match="differ in length"):
+        agreement(a, a[:3])
