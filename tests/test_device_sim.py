@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from fedrnn.config import ConfigError, config_from_dict
-from fedrnn.devices import Fleet
+from fedrnn.devices import Fleet, load_trace
+from fedrnn.federation.rundir import RunDir
 from fedrnn.federation.wire import record_nbytes, to_record
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import trainable_names
 from fedrnn.plugins.devices import local_work
-from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "configs" / "fleets" / "example_trace.csv"
@@ -221,7 +221,7 @@ def test_trace_fleet_runs_and_resume_continues_the_clock(tmp_path: Path, tiny_te
     assert measured[0] and all(m == measured[0] for m in measured)
     assert all(v > 0 and math.isfinite(v) for v in measured[0].values())
     # availability from the trace: client 9 is online from t = 3600 s only, the runs end well before
-    fleet = Fleet.from_trace(TRACE)
+    fleet = load_trace(TRACE)
     previous = 0.0
     for x in rows[1:]:
         assert set(x["selected"]) <= set(fleet.available(previous + x["idle_sim_seconds"]).tolist())

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedrnn.federation.rundir import RunDir
 from fedrnn.federation.wire import record_nbytes, to_record
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import trainable_names
-from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 420

@@ -49,7 +49,8 @@ from fedrnn.edge.predict import (
     Predictor,
     softmax,
 )
-from fedrnn.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint, write_json
+from fedrnn.io import write_json
+from fedrnn.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint
 from fedrnn.model.rnn import SentimentRNN
 
 FLOAT_TOLERANCE = 1e-4  # max |logit difference|, ONNX float32 vs torch

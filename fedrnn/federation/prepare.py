@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,21 @@ from fedrnn.config import RunConfig
 from fedrnn.data.loaders import Reviews
 from fedrnn.data.partitions import partition_amazon, partition_by_group, save_partitions
 from fedrnn.data.target import load_target, prepare_target
-from fedrnn.federation.loop import Prepared
+from fedrnn.federation.rundir import RunDir
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.pretrain import PretrainConfig, pretrain
-from fedrnn.runs.rundir import RunDir
 
 CACHE_ENV = "FEDRNN_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Files a run reads, prepared before round 1."""
+
+    teacher_dir: str
+    target_path: str
+    partitions_path: str
+    run_dir: str
 
 
 def cache_dir() -> Path:
@@ -38,7 +48,7 @@ def ensure_teacher(cfg: RunConfig, console: Console) -> str:
     return str(path.resolve())
 
 
-def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = None) -> Prepared:
+def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = None) -> RunFiles:
     console = console or Console()
     teacher = ensure_teacher(cfg, console)
     _, tok, meta = load_checkpoint(teacher)
@@ -67,4 +77,4 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = N
             shards = partition_by_group(pool, cfg.run.clients, cfg.run.seed, cfg.run.min_client_examples)
         rd.path.mkdir(parents=True, exist_ok=True)
         save_partitions(str(rd.partitions_path), [keep[s] for s in shards])
-    return Prepared(teacher, str(Path(target).resolve()), str(rd.partitions_path.resolve()), str(rd.path.resolve()))
+    return RunFiles(teacher, str(Path(target).resolve()), str(rd.partitions_path.resolve()), str(rd.path.resolve()))

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedrnn.model.checkpoint import load_tensors, read_json, save_tensors, write_json
+from fedrnn.io import write_json
+from fedrnn.model.checkpoint import load_tensors, read_json, save_tensors
 
 
 class RunDir:
