@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from fedrnn.data.loaders import load_imdb
 from fedrnn.data.tokenizer import encode
@@ -164,6 +166,23 @@ def test_export_writes_a_complete_directory_with_float_parity(exported: Path, se
     assert cfg["parity"]["float"]["max_abs_logit_diff"] <= FLOAT_TOLERANCE
     assert cfg["parity"]["int8"]["max_abs_prob_diff"] <= INT8_PROB_TOLERANCE
     assert cfg["bytes"][INT8_MODEL] < cfg["bytes"][FLOAT_MODEL] / 2
+
+
+def test_int8_weights_fit_the_int16_pair_sums_of_non_vnni_cpus(exported: Path) -> None:
+    """uint8 x int8 products are summed in pairs into int16 on AVX2-only CPUs: weights beyond 64 saturate there.
+
+    The parity checks above pass on a VNNI machine whatever the weight range; this one does not depend on the CPU.
+    """
+    model = onnx.load(str(exported / INT8_MODEL))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type in ("DynamicQuantizeLSTM", "MatMulInteger"):
+            for name in node.input:
+                if name in weights and weights[name].dtype == np.int8 and weights[name].size > 1:
+                    assert np.abs(weights[name].astype(np.int32)).max() <= 64, (node.op_type, name)
+                    checked += 1
+    assert checked >= 3  # the LSTM's input and recurrent weights, the head's weight
 
 
 def test_onnx_float_matches_torch_on_real_reviews(exported: Path, distilled: tuple, setup: dict) -> None:
