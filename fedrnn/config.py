@@ -1,7 +1,12 @@
 """Run configuration: TOML files in ``configs/`` plus command-line overrides, all validated.
 
-Every value is checked where it is read; an error names the key (``client.lr``) and says
-what was wrong, so a typo in a 40-line config never surfaces as a stack trace mid-run.
+Layers, last wins: the dataclass defaults, the TOML file (after the files it ``extends``), then
+overrides (``--set section.key=value`` and the named flags of ``python -m fedrnn.simulate``).
+Every value is checked, cross-field rules included, before anything runs; an error names the key
+(``client.lr``), what was wrong, and where the value came from (the file that set it, or the
+command-line flag), so a typo never surfaces as a stack trace mid-run. Validation reads no files:
+the files a config names (a device trace) are checked where the run is prepared
+(``fedrnn.runs.prepare.check_files``).
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import reprlib
 import tomllib
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrnn.devices import NETWORKS, PROFILES, DeviceError, load_trace
+from fedrnn.devices import NETWORKS, PROFILES
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
 from fedrnn.model.rnn import CELLS, TRANSFER_MODES
 
@@ -31,7 +37,15 @@ CLIENT_DP = ("off", "fixed", "adaptive")
 
 
 class ConfigError(ValueError):
-    """A configuration value or file is invalid; the message names the key or file."""
+    """A configuration value or file is invalid; the message names the key or file.
+
+    ``key`` is the dotted key (or ``a/b`` for a rule over two keys, or a section) the error is
+    about, so ``load_config`` can say which layer set it.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _show(value: Any) -> str:
@@ -43,7 +57,7 @@ def _show(value: Any) -> str:
 
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
     if not cond:
-        raise ConfigError(f"{key} {msg}, got {_show(value)}")
+        raise ConfigError(f"{key} {msg}, got {_show(value)}", key)
 
 
 @dataclass
@@ -178,11 +192,6 @@ class DevicesSection:
         _check(0 <= self.start_hour < 24, "devices.start_hour", "must be in [0, 24)", self.start_hour)
         _check(self.availability in ("", *AVAILABILITY_KINDS), "devices.availability",
                f"must be \"\" or one of {AVAILABILITY_KINDS}", self.availability)
-        if self.trace:
-            try:
-                load_trace(Path(self.trace))
-            except DeviceError as e:
-                raise ConfigError(f"devices.trace: {e}") from None
         _check(self.policy in DEADLINE_POLICIES, "devices.policy", f"must be one of {DEADLINE_POLICIES}", self.policy)
         _check(self.policy == "wait" or self.deadline_s > 0, "devices.deadline_s",
                f"must be > 0 with policy {self.policy!r}", self.deadline_s)
@@ -363,9 +372,15 @@ class RunConfig:
     privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def validate(self) -> RunConfig:
+        """Each section's own checks, then the rules that span sections."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         self.privacy.check_strategy(self.run.strategy)
+        _check(self.attack.clients <= self.run.clients, "attack.clients",
+               f"must be <= run.clients = {self.run.clients}", self.attack.clients)
+        named = self.faults.raise_clients + self.faults.hang_clients + self.faults.crash_clients
+        _check(all(c < self.run.clients for c in named), "faults.*_clients",
+               f"must hold client ids < run.clients = {self.run.clients}", named)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -404,7 +419,8 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
     hints = typing.get_type_hints(type(section_obj))
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown key {section}.{key}; known keys: {', '.join(sorted(hints))}")
+            raise ConfigError(f"unknown key {section}.{key}; known keys: {', '.join(sorted(hints))}",
+                              f"{section}.{key}")
         setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
@@ -415,9 +431,10 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
     sections = {f.name for f in dataclasses.fields(cfg)}
     for section, values in data.items():
         if section not in sections:
-            raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(sorted(sections))}")
+            raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(sorted(sections))}",
+                              str(section))
         if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table of key = value pairs, got {_show(values)}")
+            raise ConfigError(f"[{section}] must be a table of key = value pairs, got {_show(values)}", str(section))
         _apply(getattr(cfg, section), section, values)
     return cfg.validate()
 
@@ -437,19 +454,135 @@ def dump_toml(data: dict[str, dict[str, Any]]) -> str:
     return "".join(f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n" for s, kv in data.items())
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the TOML file, then ``overrides`` (``{"run": {"clients": 10}}``)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid TOML ({e})") from e
+@dataclass
+class Overrides:
+    """Values set on top of the TOML file, each with where it came from (``--set run.alpha=-2``).
+
+    ``load_config`` blames a bad value on its origin, so an error in a command-line value never
+    points at the file.
+    """
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)  # "run.alpha" -> "--alpha -2.0"
+
+    def add(self, key: str, value: Any, origin: str) -> None:
+        section, dot, name = key.partition(".")
+        if not (section and dot and name):
+            raise ConfigError(f"{origin}: expected section.key (e.g. client.lr), got {key!r}", key)
+        self.values.setdefault(section, {})[name] = value
+        self.origins[key] = origin
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as a TOML value (``0.01``, ``true``, ``[1, 2]``, ``{rpi4 = 1.0}``).
+
+    Text that is not a TOML value is taken as a plain string, so ``run.target=imdb`` needs no quotes.
+    """
     try:
-        cfg = config_from_dict(data)
-        return config_from_dict(overrides or {}, cfg)
+        parsed = tomllib.loads(f"x = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["x"] if parsed.keys() == {"x"} else text  # "1\ny = 2" is two keys, not one value
+
+
+def parse_set(items: Iterable[str], overrides: Overrides | None = None) -> Overrides:
+    """``--set section.key=value`` items (repeatable; the last one for a key wins) as overrides."""
+    out = overrides if overrides is not None else Overrides()
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item}: expected section.key=value (e.g. client.lr=0.01)")
+        out.add(key.strip(), parse_value(text.strip()), f"--set {item}")
+    return out
+
+
+def _blame(e: ConfigError, origins: Mapping[str, str], fallback: str) -> str:
+    """Where the value an error is about came from: the origin of its key, else ``fallback``."""
+    def related(key: str, other: str) -> bool:  # the same key, or one inside the other (devices.mix.rpi4)
+        return any(a == b or a.startswith((b + ".", b + "[")) for a, b in ((key, other), (other, key)))
+
+    keys = [k for k in e.key.split("/") if k]
+    hits = list(dict.fromkeys(o for k, o in origins.items() if any(related(x, k) for x in keys)))
+    return ", ".join(hits) or fallback
+
+
+def _overlay(cfg: RunConfig, data: dict[str, Any], origins: Mapping[str, str], fallback: str) -> RunConfig:
+    try:
+        return config_from_dict(data, cfg)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(f"{_blame(e, origins, fallback)}: {e}", e.key) from None
+
+
+def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """A config file's tables over those of the file it ``extends`` (recursively), and each key's file.
+
+    ``extends = "default.toml"`` (top level, relative to the file) takes every key of that file;
+    this file's keys replace those with the same ``section.key`` (a table value is replaced whole).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.resolve() in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"{p}: extends forms a cycle: {cycle}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from e
+    own = {f"{s}.{k}": str(p) for s, kv in data.items() if isinstance(kv, dict) for k in kv}
+    if "extends" not in data:
+        return data, own
+    base_name = data.pop("extends")
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{p}: extends must be the path of a config file, got {_show(base_name)}")
+    base_path = p.parent / base_name
+    if not base_path.is_file():
+        raise ConfigError(f"{p}: extends {base_name!r}, but config file {base_path} does not exist")
+    merged, origins = read_toml(base_path, (*_chain, p.resolve()))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged, origins | own
+
+
+def apply_overrides(cfg: RunConfig, overrides: Overrides | dict[str, Any] | None) -> RunConfig:
+    """``cfg`` with ``overrides`` on top, validated; an error names the override's origin.
+
+    A rule over several keys broken only by the overrides (``--clients 5`` under a file's
+    ``clients_per_round = 10``) is blamed on the overrides, since the layer below was valid.
+    Plain dicts (``{"run": {"clients": 10}}``) are overrides whose origin is just "override".
+    """
+    if not isinstance(overrides, Overrides):
+        overrides = Overrides(overrides or {})
+    fallback = ", ".join(dict.fromkeys(overrides.origins.values())) or "override"
+    return _overlay(cfg, overrides.values, overrides.origins, fallback)
+
+
+def load_config(path: str | Path | None = None, overrides: Overrides | dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the TOML file (over the files it extends), then ``overrides``; validated.
+
+    A bad value is reported with its origin: the file (in an ``extends`` chain, the file that set
+    the key) or the flag that set it (``--set run.alpha=-2: run.alpha must be ...``).
+    """
+    data, file_origins = read_toml(path) if path is not None else ({}, {})
+    return apply_overrides(_overlay(RunConfig(), data, file_origins, str(path)), overrides)
+
+
+def extend_rounds(cfg: RunConfig, rounds: Any, origin: str) -> RunConfig:
+    """A started run's config with more rounds: the one change a resumed run accepts.
+
+    Refused where differential privacy was planned over the run's rounds (record-level
+    ``planned_rounds = 0``, calibrated client-level noise): more rounds would change the noise mid-run.
+    """
+    new = apply_overrides(cfg, Overrides({"run": {"rounds": rounds}}, {"run.rounds": origin}))
+    had, p = cfg.run.rounds, cfg.privacy
+    if new.run.rounds < had:
+        raise ConfigError(f"{origin}: run.rounds can only grow when resuming; the run has {had} rounds", "run.rounds")
+    planned = (p.record_level and not p.planned_rounds) or (p.client_level != "off" and not p.clients_noise_multiplier)
+    if new.run.rounds > had and planned:
+        raise ConfigError(f"{origin}: run.rounds cannot grow: this run's differential privacy was planned over its "
+                          f"{had} rounds, and more would change its noise mid-run; start a new run instead",
+                          "run.rounds")
+    return new

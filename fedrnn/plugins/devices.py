@@ -77,10 +77,7 @@ class DeviceSimulation(RoundPlugin):
         self.fed = fed
         run, c = fed.cfg.run, fed.cfg.client
         if self.cfg.trace:
-            self.fleet = Fleet.from_trace(self.cfg.trace)
-            if len(self.fleet) != run.clients:
-                raise ValueError(f"devices.trace {self.cfg.trace} has {len(self.fleet)} clients but "
-                                 f"run.clients = {run.clients}")
+            self.fleet = Fleet.from_trace(self.cfg.trace)  # checked against run.clients by prepare_run
         else:
             self.fleet = Fleet.from_mix(run.clients, self.cfg.mix, seed=run.seed,
                                         networks=self.cfg.network or self.cfg.network_mix or None,
