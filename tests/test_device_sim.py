@@ -26,6 +26,7 @@ from fedrnn.federation.wire import record_nbytes, to_record
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import trainable_names
 from fedrnn.plugins.devices import local_work
+from fedrnn.runs.prepare import check_files
 from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,18 +139,24 @@ def test_local_work_matches_the_training_loop() -> None:
     ({"mix": {"rpi4": 1.0}, "network": "wifi", "network_mix": {"4g": 1.0}}, "needs at most one"),
     ({"mix": {"rpi4": 1.0}, "availability": "weekends"}, "devices.availability must be"),
     ({"mix": {"rpi4": 1.0}, "policy": "drop"}, "devices.deadline_s must be > 0 with policy 'drop'"),
-    ({"trace": "configs/fleets/missing.csv"}, "devices.trace: trace file configs/fleets/missing.csv does not exist"),
 ])
 def test_bad_devices_config_is_named(devices: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict({"devices": {"enabled": True, **devices}})
 
 
-def test_bad_trace_row_is_named_at_config_time(tmp_path: Path) -> None:
+def test_bad_trace_is_named_before_the_run(tmp_path: Path) -> None:
+    """Validation reads no file; the run's file check (``prepare_run`` calls it first) names the trace's problem."""
     bad = tmp_path / "fleet.csv"
     bad.write_text(TRACE.read_text().replace("\n3,rpi3b+,,0.0405,24500000,", "\n3,rpi3b+,,0.0405,-1,"))
-    with pytest.raises(ConfigError, match=re.escape(f"devices.trace: {bad}: line 5: column 'down_bps' must be > 0")):
-        config_from_dict({"devices": {"enabled": True, "trace": str(bad)}})
+    cases = [(str(bad), 10, f"devices.trace: {bad}: line 5: column 'down_bps' must be > 0"),
+             ("configs/fleets/missing.csv", 10, "devices.trace: trace file configs/fleets/missing.csv does not exist"),
+             (str(TRACE), 12, f"devices.trace: {TRACE} has 10 clients but run.clients = 12")]
+    for trace, clients, message in cases:
+        cfg = config_from_dict({"run": {"clients": clients}, "devices": {"enabled": True, "trace": trace}})
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_files(cfg)
+    check_files(config_from_dict({"run": {"clients": 10}, "devices": {"enabled": True, "trace": str(TRACE)}}))
 
 
 def test_pi_fleet_rows_carry_the_device_metrics(pi_run: Path, tiny_teacher: tuple[Path, dict]) -> None:
