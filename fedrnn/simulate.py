@@ -40,7 +40,7 @@ from fedrnn.federation.loop import Prepared
 from fedrnn.model.checkpoint import CheckpointError, write_json
 from fedrnn.model.rnn import TRANSFER_MODES
 from fedrnn.runs.plots import plot_run
-from fedrnn.runs.prepare import prepare_run
+from fedrnn.runs.prepare import check_files, prepare_run
 from fedrnn.runs.rundir import RunDir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
@@ -106,6 +106,7 @@ def new_run_dir(a: argparse.Namespace) -> tuple[RunDir, RunConfig]:
     unless ``--overwrite`` clears that run's files first.
     """
     cfg = load_config(a.config or DEFAULT_CONFIG, overrides_from_args(a))
+    check_files(cfg)  # prepare_run checks them too; here a bad file leaves no half-made run directory
     rd = RunDir(a.out or f"runs/{cfg.run.strategy}-{cfg.run.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     if found := rd.holds_run():
         if not a.overwrite:

@@ -191,6 +191,10 @@ def test_validation_reads_no_files_and_prepare_checks_them(tmp_path: Path) -> No
                                                     "does not exist")):
         prepare_run(cfg, tmp_path / "run")  # before the teacher, the data or the run directory
     assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="config error: devices.trace: trace file"):
+        main(["--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(tmp_path / "run"),
+              "--set", "devices.enabled=true", "--set", f"devices.trace='{tmp_path / 'no-such-trace.csv'}'"])
+    assert not (tmp_path / "run").exists()  # no half-made run directory to --resume or --overwrite
 
 
 # ---------------------------------------------------------------- --out and --resume

@@ -214,11 +214,8 @@ def test_offline_pis_are_never_selected(pi_run: Path) -> None:
 
 def test_trace_fleet_runs_and_resume_continues_the_clock(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
     run = _run(tmp_path, "trace", TRACE_FLEET, tiny_teacher[0])
-    config = json.loads((run / "config.json").read_text())
-    config["run"]["rounds"] = 3
-    (run / "config.json").write_text(json.dumps(config))
-    r = _simulate(["--resume", str(run)], tmp_path / "cache")
-    assert "resuming" in r.stdout
+    r = _simulate(["--resume", str(run), "--rounds", "3"], tmp_path / "cache")
+    assert "resuming" in r.stdout and json.loads((run / "config.json").read_text())["run"]["rounds"] == 3
     rows = RunDir(run).read_metrics()
     assert [x["round"] for x in rows] == [0, 1, 2, 3]
     _check_clock(rows, deadline=2.0)  # round 3 starts exactly where round 2's clock stopped
