@@ -485,14 +485,27 @@ def parse_value(text: str) -> Any:
     return parsed["x"] if parsed.keys() == {"x"} else text  # "1\ny = 2" is two keys, not one value
 
 
+def _takes_text(key: str) -> bool:
+    """Whether ``section.key`` is a string-valued config key (``run.teacher``, ``simulation.ray_address``)."""
+    section, _, name = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    if section not in fields:
+        return False
+    return typing.get_type_hints(fields[section].default_factory).get(name) is str
+
+
 def parse_set(items: Iterable[str], overrides: Overrides | None = None) -> Overrides:
-    """``--set section.key=value`` items (repeatable; the last one for a key wins) as overrides."""
+    """``--set section.key=value`` items (repeatable; the last one for a key wins) as overrides.
+
+    A string-valued key takes the text as it is (``run.teacher=2024`` is the directory "2024").
+    """
     out = overrides if overrides is not None else Overrides()
     for item in items:
         key, eq, text = item.partition("=")
         if not eq:
             raise ConfigError(f"--set {item}: expected section.key=value (e.g. client.lr=0.01)")
-        out.add(key.strip(), parse_value(text.strip()), f"--set {item}")
+        key, value = key.strip(), parse_value(text.strip())
+        out.add(key, text.strip() if _takes_text(key) and not isinstance(value, str) else value, f"--set {item}")
     return out
 
 

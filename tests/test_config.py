@@ -85,6 +85,8 @@ def test_set_reaches_nested_keys_and_tables() -> None:
     assert cfg.client.lr == 0.02 and cfg.run.target == "imdb"
     assert cfg.devices.enabled and cfg.devices.mix == {"rpi4": 0.5, "rpi5": 0.5}
     assert cfg.run.clients == 8  # the file's other keys stay
+    cfg = load_config(None, parse_set(["run.teacher=2024", "simulation.ray_address=10.0.0.1:6379", "run.seed=7"]))
+    assert (cfg.run.teacher, cfg.simulation.ray_address, cfg.run.seed) == ("2024", "10.0.0.1:6379", 7)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
