@@ -154,13 +154,14 @@ def test_emulated_pis_and_a_host_node_train_one_round(pi_dir: Path, fleet: Fleet
     rss = PeakRss(fleet, [*EMULATED, "host"])
     fleet.finish_run(fleet.start_run(config, fleet.tmp / "run1", 3))
     peak = rss.stop()
-    log = fleet.procs.log("flwr-run")
-    aggregated = re.findall(r"aggregate_train: Received (\d+) results and (\d+) failures", log)
-    print("round 1:", aggregated, "peak RSS:", json.dumps(peak))
-    assert aggregated == [("3", "0")], log[-4000:]
     r1 = rows(fleet.tmp / "run1")[1]
     assert r1["trained"] == 3 and r1["failures"] == 0, r1
     assert sorted(r1["clients"]) == sorted(fleet.node_ids.values())  # both emulated devices and the host
+    by_id = {fleet.node_ids[n]: EMULATED.get(n, "host x86_64") for n in fleet.node_ids}
+    print(f"round 1 aggregated {r1['trained']} replies: " + ", ".join(f"node {c} ({by_id[c]})" for c in r1["clients"]))
+    flower = re.findall(r"aggregate_train: Received \d+ results and \d+ failures", fleet.procs.log("flwr-run"))
+    print("Flower:", *flower)
+    print("peak RSS:", json.dumps(peak))
     if os.environ.get("FEDRNN_PI_RSS_OUT"):
         Path(os.environ["FEDRNN_PI_RSS_OUT"]).write_text(json.dumps(
             {n: {"cpu": EMULATED.get(n, "native x86_64"), **v} for n, v in peak.items()}, indent=1))

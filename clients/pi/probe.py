@@ -113,7 +113,8 @@ def main() -> None:
     cfg = json.load(open(os.path.join(a.export, "config.json")))
     py = sys.executable
     out = {
-        "machine": platform.machine(), "qemu_cpu": os.environ.get("QEMU_CPU"), "hwcaps": hwcaps(),
+        "machine": platform.machine(), "qemu_cpu": os.environ.get("QEMU_CPU"),
+        "hwcaps": hwcaps() if platform.machine() == "aarch64" else None,
         "import_torch": run_check([py, "-c", IMPORT_TORCH]),
         "train_step": run_check([py, "-c", TRAIN_STEP.format(seed=a.seed)]),
         "onnx_int8": run_check([py, "-c", ONNX_INT8.format(model=os.path.join(a.export, "model.int8.onnx"),
