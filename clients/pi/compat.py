@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +114,9 @@ def install_size() -> dict:
         if d.is_dir() and not d.name.endswith((".dist-info", "__pycache__")):
             per_pkg[d.name] = du(d)
     top = dict(sorted(per_pkg.items(), key=lambda kv: -kv[1])[:12])
-    frozen = subprocess.run([str(EMULATE), "exec", "pip", "freeze"], capture_output=True, text=True, timeout=1800)
+    dists = sorted(d.name.removesuffix(".dist-info").replace("-", "==", 1) for d in site.glob("*.dist-info"))
     return {"venv_bytes": du(venv), "site_packages_bytes": du(site), "largest_packages_bytes": top,
-            "packages": frozen.stdout.split()}
+            "packages": dists}
 
 
 def main() -> None:
@@ -138,11 +139,14 @@ def main() -> None:
         export, texts = prepare(Path(tmp), data_dir)
         ref = probe([sys.executable], str(export), str(texts))
         result["native"] = {"machine": ref["machine"], "torch": ref["import_torch"].get("torch"), "probe": ref}
-        result["cpus"] = {}
-        for cpu in a.cpus.split(","):
-            got = probe([str(EMULATE), "exec", "--cpu", cpu, "python"], inside(export), inside(texts))
-            result["cpus"][cpu] = {"checks": compare(got, ref), "hwcaps": got.get("hwcaps"), "probe": got}
-            print(cpu, {k: v["ok"] for k, v in result["cpus"][cpu]["checks"].items()}, flush=True)
+        cpus = a.cpus.split(",")
+        with ThreadPoolExecutor(len(cpus)) as pool:  # each probe is its own emulated process tree
+            got = pool.map(lambda cpu: probe([str(EMULATE), "exec", "--cpu", cpu, "python"], inside(export),
+                                             inside(texts)), cpus)
+            result["cpus"] = {cpu: {"checks": compare(g, ref), "hwcaps": g.get("hwcaps"), "probe": g}
+                              for cpu, g in zip(cpus, got, strict=True)}
+        for cpu, r in result["cpus"].items():
+            print(cpu, {k: v["ok"] for k, v in r["checks"].items()}, flush=True)
     result["install"] = install_size()
     if a.rss:
         result["round_peak_rss"] = json.loads(Path(a.rss).read_text())
