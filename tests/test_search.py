@@ -68,6 +68,7 @@ def test_search_command_rejects_an_unknown_class() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # every trial exports in its own process; minutes on a busy 2-core machine
 def test_tiny_search_respects_budgets(tiny_teacher: tuple[Path, dict], data_dir: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     teacher, tok, cfg = load_checkpoint(tiny_teacher[0])

@@ -14,8 +14,8 @@ How:
 * **Two fidelities.** Sampled trials are *low fidelity*: a short distillation
   (``--low-steps``). For each class, the low-fidelity choice (rule below) and its most
   accurate feasible trial are *promoted*: re-run from scratch with the full distillation
-  (``--full-steps``) and added to the study as full-fidelity trials. Only full-fidelity trials
-  are chosen.
+  (``--full-steps``) and added to the study as full-fidelity trials, at most ``--max-promote``
+  (the classes' choices before their most accurate trials). Only full-fidelity trials are chosen.
 * **A trial** shrinks the teacher's tokenizer to the sampled vocabulary
   (:func:`fedrnn.edge.prune.shrink_tokenizer`, frequencies from the transfer and Amazon train
   texts), distils a fresh student from cached teacher logits on unlabelled IMDB reviews; with
@@ -244,7 +244,7 @@ def choose(rows: list[dict[str, Any]], budget: Budget, rule: str, n_val: int) ->
 
 def search(
     data: SearchData, budgets: Sequence[Budget], *, trials: int, space: Space, fid: Fidelity, workdir: Path,
-    rule: str = "one-se", seed: int = 0, timeout_s: float | None = None, log: Any = print,
+    rule: str = "one-se", seed: int = 0, timeout_s: float | None = None, max_promote: int = 6, log: Any = print,
 ) -> dict[str, Any]:
     """Run the two-fidelity study; returns all trial rows and each class's chosen full-fidelity row."""
     if rule not in RULES:
@@ -277,13 +277,12 @@ def search(
 
     n_val = len(data.val_texts)
     low = [r for r in rows if r["fidelity"] == "low"]
-    promote: dict[str, dict[str, Any]] = {}
-    for b in budgets:
-        for r in (choose(low, b, rule, n_val), choose(low, b, "max", n_val)):
-            if r is not None:
-                params = {name: r[name] for name in Space.__annotations__}
-                promote.setdefault(params_key(params), params)
-    for params in promote.values():
+    promote: dict[str, dict[str, Any]] = {}  # each class's choice first, then each class's most accurate
+    for r in [choose(low, b, rule, n_val) for b in budgets] + [choose(low, b, "max", n_val) for b in budgets]:
+        if r is not None:
+            params = {name: r[name] for name in Space.__annotations__}
+            promote.setdefault(params_key(params), params)
+    for params in list(promote.values())[:max_promote]:
         record(params, "full", fid.full_steps)
     full = [r for r in rows if r["fidelity"] == "full"]
     return {"rows": rows, "chosen": {b.device_class: choose(full, b, rule, n_val) for b in budgets}}
@@ -368,6 +367,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--trials", type=int, default=20, help="low-fidelity trials sampled by Optuna")
     p.add_argument("--timeout-s", type=float, default=None, help="stop sampling low-fidelity trials after this")
+    p.add_argument("--max-promote", type=int, default=6, help="low-fidelity trials re-run at full fidelity")
     p.add_argument("--low-steps", type=int, default=Fidelity.low_steps)
     p.add_argument("--full-steps", type=int, default=Fidelity.full_steps)
     p.add_argument("--transfer-size", type=int, default=8000, help="unlabelled IMDB reviews to distil on")
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         classes = list(PROFILES) if a.all else list(dict.fromkeys(resolve_class(c) for c in a.device_class))
     except BudgetError as e:
         raise SystemExit(f"error: {e}") from e
-    for name in ("trials", "low_steps", "full_steps", "transfer_size", "val_size"):
+    for name in ("trials", "low_steps", "full_steps", "transfer_size", "val_size", "max_promote"):
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     cache = Path(os.environ.get("FEDRNN_CACHE_DIR", "cache"))
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
 
     result = search(data, budgets, trials=a.trials, space=Space(), fid=fid, workdir=export_root / "trials",
-                    rule=a.rule, seed=a.seed, timeout_s=a.timeout_s, log=log)
+                    rule=a.rule, seed=a.seed, timeout_s=a.timeout_s, max_promote=a.max_promote, log=log)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher_test = teacher_accuracy(data, data.test_texts, data.test_labels, data.teacher_max_len)
@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["python -m fedrnn.edge.search", *(sys.argv[1:] if argv is None else argv)]),
         "teacher": str(teacher_dir), "teacher_test_accuracy": teacher_test,
         "test_examples": len(data.test_texts), "val_examples": len(data.val_texts),
-        "fidelity": asdict(fid), "rule": a.rule, "trials_low": a.trials, "space": asdict(Space()),
+        "fidelity": asdict(fid), "rule": a.rule, "trials_low": a.trials, "max_promote": a.max_promote,
+        "transfer_size": a.transfer_size, "space": asdict(Space()),
         "seconds": {"data": t_data, "total": time.perf_counter() - t0},
         "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
         "classes": table,
