@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration")
     p.add_argument("--mode", help="feature-extraction | fine-tune | full")
     p.add_argument("--strategy", help=" | ".join(STRATEGIES))
-    p.add_argument("--target", help="amazon | imdb")
+    p.add_argument("--target", help="amazon | imdb | a labelled .jsonl(.gz)/.csv/.tsv file")
+    p.add_argument("--partition", help="natural | dirichlet | quantity (default: the target's own)")
+    p.add_argument("--partition-column", help="column whose values are the natural clients (default: run.group_column)")
     p.add_argument("--seed", type=int)
     p.add_argument("--teacher", help="teacher checkpoint directory (default: cache/teacher)")
     p.add_argument("--data-dir", help="data directory (default: $FEDRNN_DATA_DIR or ./data)")
@@ -62,6 +64,8 @@ def overrides_from_args(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
             "mode": a.mode,
             "strategy": a.strategy,
             "target": a.target,
+            "partition": a.partition,
+            "partition_column": a.partition_column,
             "seed": a.seed,
             "teacher": a.teacher,
             "data_dir": a.data_dir,
