@@ -11,10 +11,17 @@ Arms, each on the same seed's partitions and each file's fixed per-group test sp
   zero-shot      the teacher as is
   local-only     every client trains alone on its own training split (as many epochs as it trains
                  in total in the federated run); the mean over clients of its model's accuracy
-  federated      FedAvg, ``python -m fedrnn.simulate`` on the target file
+  federated      FedAvg over the run's clients: each round a seeded sample of clients trains locally
+                 (``fedrnn.federation.local.local_train``, the ClientApp's training) from the global
+                 tensors, and the example-weighted average becomes the new global tensors
   federated + personalisation   the federated model, each client then fine-tuning the head on its
                  own data ([personalize] head_epochs); per-client accuracy only (one model per client)
   centralised    the teacher trained on the union of the clients' training splits, same total epochs
+
+The federated arm runs in this process rather than on Flower's Ray engine: on the shared 2-core
+machine, overloaded while this study was made, Ray's node start (a fixed 30 s wait) kept timing out.
+The partitions and the per-group test split come from ``fedrnn.runs.prepare.prepare_run`` on the
+target file, exactly as a ``python -m fedrnn.simulate --target FILE`` run prepares them.
 
 Two views: accuracy on the target test split, and the per-client distribution (mean, p10, worst)
 on each client's own held-out data. Writes simulations/results/short_text_study.csv (one row per
@@ -43,11 +50,12 @@ from fedrnn.data.loaders import resolve_data_dir  # noqa: E402
 from fedrnn.data.partitions import load_partitions, split_holdout  # noqa: E402
 from fedrnn.data.target import load_target  # noqa: E402
 from fedrnn.federation.local import LocalTrainConfig, build_model, load_base, local_train  # noqa: E402
-from fedrnn.model.checkpoint import load_tensors, write_csv  # noqa: E402
+from fedrnn.federation.loop import sample  # noqa: E402
+from fedrnn.model.checkpoint import write_csv  # noqa: E402
+from fedrnn.model.rnn import trainable_names  # noqa: E402
 from fedrnn.model.training import evaluate  # noqa: E402
 from fedrnn.plugins.personalize import distribution, personalize_clients  # noqa: E402
 from fedrnn.runs.prepare import prepare_run  # noqa: E402
-from simulations.transfer_study import run_variant  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 TARGETS = {
@@ -62,7 +70,7 @@ def base_config(a: argparse.Namespace) -> dict[str, Any]:
         "run": {"clients": 30, "rounds": a.rounds, "clients_per_round": 10, "mode": a.mode, "strategy": "fedavg",
                 "teacher": str(Path(a.teacher).resolve())},
         "client": {"local_epochs": a.local_epochs, "batch_size": 16, "lr": a.lr},
-        "server": {"eval_every": a.rounds, "retention_examples": 200},
+        "server": {"retention_examples": 0},
         "personalize": {"head_epochs": a.head_epochs},
         "simulation": {"actors": 2, "threads_per_actor": 1},
     }
@@ -82,24 +90,38 @@ def train_copy(base: Any, data: Any, cfg: dict[str, Any], epochs: int, seed: int
     return model
 
 
+def fedavg(base: Any, data: Any, splits: list[tuple[np.ndarray, np.ndarray]], cfg: dict[str, Any],
+           seed: int) -> torch.nn.Module:
+    """FedAvg (example-weighted) over ``splits``' training parts; the final global model."""
+    r, c = cfg["run"], cfg["client"]
+    model = build_model(base, {}, r["mode"])
+    names = trainable_names(model, r["mode"])
+    arrays = {n: model.state_dict()[n].numpy().copy() for n in names}
+    for rnd in range(1, r["rounds"] + 1):
+        rng = np.random.default_rng([seed, rnd])
+        replies = []
+        for k in sample(rng, list(range(r["clients"])), r["clients_per_round"]):
+            train = data.pool.subset(splits[k][0])
+            local = LocalTrainConfig(c["lr"], c["local_epochs"], c["batch_size"], 0, 0.0, 1.0,
+                                     seed * 1_000_003 + rnd * 1009 + k)
+            replies.append((local_train(build_model(base, arrays, r["mode"]), train, local, names)[0], len(train)))
+        total = sum(n for _, n in replies)
+        arrays = {name: sum(a[name] * n for a, n in replies) / total for name in names}
+    return build_model(base, arrays, r["mode"])
+
+
 def study_target(name: str, seed: int, a: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     rel, run_keys = TARGETS[name]
     cfg = base_config(a)
     cfg["run"] |= {"target": str(resolve_data_dir() / rel), "seed": seed, **run_keys}
-    t0 = time.perf_counter()
-    metrics = run_variant(f"{name}-s{seed}", cfg, work)
-    fed_seconds = time.perf_counter() - t0
-    run = work / f"{name}-s{seed}"
-    run_cfg = config_from_dict(json.loads((run / "config.json").read_text()))
-    prepared = prepare_run(run_cfg, run, Console(quiet=True))  # the run's files, already there: found, not redone
-    base = load_base(prepared.teacher_dir)
-    data = load_target(prepared.target_path)
-    shards = load_partitions(prepared.partitions_path)
+    run_cfg = config_from_dict(cfg)
+    files = prepare_run(run_cfg, work / f"{name}-s{seed}", Console(quiet=True))
+    base = load_base(files.teacher_dir)
+    data = load_target(files.target_path)
+    shards = load_partitions(files.partitions_path)
     hold = run_cfg.client.holdout_fraction
     splits = [split_holdout(s, hold, seed, k) for k, s in enumerate(shards)]
     no_head = PersonalizeSection(head_epochs=0)
-    final_state = load_tensors(run / "checkpoints" / f"round_{a.rounds:03d}.safetensors")
-    fed_model = build_model(base, {k: v.numpy() for k, v in final_state.items()}, cfg["run"]["mode"])
     epochs = client_epochs(cfg)
     rows: list[dict[str, Any]] = []
 
@@ -109,7 +131,7 @@ def study_target(name: str, seed: int, a: argparse.Namespace, work: Path) -> lis
                         if k.startswith(("client_accuracy", "personalized_accuracy"))}, "seconds": seconds})
 
     zero = build_model(base, {}, cfg["run"]["mode"])
-    add("zero-shot", metrics[0]["target_accuracy"],
+    add("zero-shot", evaluate(zero, data.test)["accuracy"],
         personalize_clients(zero, data.pool, shards, hold, seed, no_head), 0.0)
     t0 = time.perf_counter()
     local_test, local_held = [], []
@@ -119,10 +141,12 @@ def study_target(name: str, seed: int, a: argparse.Namespace, work: Path) -> lis
         local_held.append(evaluate(model, data.pool.subset(hold_idx))["accuracy"])
     add("local-only", float(np.mean(local_test)), distribution(local_held, "client_accuracy"),
         time.perf_counter() - t0)
-    with_head = PersonalizeSection(head_epochs=a.head_epochs)
-    per = personalize_clients(fed_model, data.pool, shards, hold, seed, with_head)
-    add("federated", metrics[-1]["target_accuracy"], {k: v for k, v in per.items() if k.startswith("client_")},
-        fed_seconds)
+    t0 = time.perf_counter()
+    fed_model = fedavg(base, data, splits, cfg, seed)
+    fed_seconds = time.perf_counter() - t0
+    per = personalize_clients(fed_model, data.pool, shards, hold, seed, PersonalizeSection(head_epochs=a.head_epochs))
+    add("federated", evaluate(fed_model, data.test)["accuracy"],
+        {k: v for k, v in per.items() if k.startswith("client_")}, fed_seconds)
     add("federated+personalisation", None, {k: v for k, v in per.items() if k.startswith("personalized_")}, 0.0)
     t0 = time.perf_counter()
     central = train_copy(base, data.pool.subset(np.concatenate([t for t, _ in splits])), cfg, epochs, seed)
@@ -194,6 +218,7 @@ def main() -> None:
     p.add_argument("--mode", default="full")
     p.add_argument("--head-epochs", type=int, default=5)
     p.add_argument("--work", default="runs/short_text_study")
+    p.add_argument("--results", default=str(RESULTS), help="folder for short_text_study.csv and .png")
     a = p.parse_args()
     torch.set_num_threads(1)
     work = Path(a.work)
@@ -206,8 +231,8 @@ def main() -> None:
             print(json.dumps(rows[-5:]), flush=True)
     for r in rows:
         r["study_seconds"] = time.perf_counter() - t0
-    write_csv(RESULTS / "short_text_study.csv", rows)
-    plot(rows, RESULTS / "short_text_study.png")
+    write_csv(Path(a.results) / "short_text_study.csv", rows)
+    plot(rows, Path(a.results) / "short_text_study.png")
     print("\n".join(summarise(rows)))
 
 
