@@ -51,11 +51,11 @@ from fedrnn.data.partitions import load_partitions, split_holdout  # noqa: E402
 from fedrnn.data.target import load_target  # noqa: E402
 from fedrnn.federation.local import LocalTrainConfig, build_model, load_base, local_train  # noqa: E402
 from fedrnn.federation.loop import sample  # noqa: E402
-from fedrnn.model.checkpoint import write_csv  # noqa: E402
+from fedrnn.federation.prepare import prepare_run  # noqa: E402
+from fedrnn.io import write_csv  # noqa: E402
 from fedrnn.model.rnn import trainable_names  # noqa: E402
 from fedrnn.model.training import evaluate  # noqa: E402
 from fedrnn.plugins.personalize import distribution, personalize_clients  # noqa: E402
-from fedrnn.runs.prepare import prepare_run  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 TARGETS = {

@@ -16,8 +16,8 @@ from fedrnn.config import ConfigError, load_config
 from fedrnn.data.loaders import Columns, DataError, load_labelled_file
 from fedrnn.data.partitions import PartitionError, partition_dirichlet, partition_natural, partition_quantity
 from fedrnn.data.target import load_target
+from fedrnn.federation.prepare import check_files, prepare_run
 from fedrnn.model.checkpoint import load_checkpoint
-from fedrnn.runs.prepare import prepare_run
 
 ROWS = [  # (text, label, source): string labels, a custom column name for the text
     ("great phone, love it", "pos", "amazon"),
@@ -108,8 +108,10 @@ def test_dirichlet_and_quantity_partitions() -> None:
 
 
 def test_config_checks_the_target(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="run.target names no existing file"):
-        load_config(None, {"run": {"target": str(tmp_path / "none.csv")}})
+    with pytest.raises(ConfigError, match=r"run.target: .*none\.csv names no existing file"):
+        check_files(load_config(None, {"run": {"target": str(tmp_path / "none.csv")}}))
+    with pytest.raises(ConfigError, match="run.target must be one of"):
+        load_config(None, {"run": {"target": str(tmp_path / "mine.txt")}})
     with pytest.raises(ConfigError, match="run.partition must be"):
         load_config(None, {"run": {"partition": "random"}})
 

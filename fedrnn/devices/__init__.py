@@ -15,7 +15,7 @@ format), ``clock`` (round planning), ``memory`` (training-memory estimate and ad
 API (what the server calls, in round order)
 -------------------------------------------
 ``fleet = Fleet.from_mix(num_clients, {"rpi4": 0.5, "phone-low": 0.5}, seed=0, networks=None)``
-    or ``Fleet.from_trace("configs/fleets/example_trace.csv")`` (CSV or JSON, see ``trace``).
+    or ``load_trace("configs/fleets/example_trace.csv")`` (CSV or JSON, see ``trace``).
 ``ids = fleet.available(sim_time)``; ``selected = select_clients(ids, k, rng)``. ``sim_time`` is
     seconds since 00:00 UTC of day 0; diurnal windows read the local hour from it. When nobody
     is online, ``fleet.next_available_time(sim_time)`` says when to resume.

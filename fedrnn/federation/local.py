@@ -19,6 +19,7 @@ from fedrnn.data.loaders import load_review_file
 from fedrnn.data.partitions import load_partitions, split_holdout
 from fedrnn.data.target import load_target
 from fedrnn.data.tokenizer import Encoded, encode
+from fedrnn.federation.messages import EvalReport, TrainReport
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, set_trainable
 from fedrnn.model.training import evaluate, train_steps
@@ -112,11 +113,14 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig,
                         epochs=cfg.epochs, clip_norm=cfg.clip_norm, loss_fn=loss_fn)
     state = model.state_dict()
     arrays = {n: state[n].numpy().astype(np.float32, copy=True) for n in names}
-    metrics = {"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,
-               "steps": float(stats.steps), "samples": float(stats.examples)}
+    metrics = {TrainReport.key("train_loss"): stats.loss, TrainReport.key("train_accuracy"): stats.accuracy,
+               TrainReport.key("train_seconds"): stats.seconds, TrainReport.key("steps"): float(stats.steps),
+               TrainReport.key("samples"): float(stats.examples)}
     return arrays, metrics
 
 
 def local_evaluate(model: SentimentRNN, data: Encoded) -> dict[str, float]:
     m = evaluate(model, data)
-    return {"eval-loss": m["loss"], "eval-accuracy": m["accuracy"]} if not math.isnan(m["loss"]) else {}
+    if math.isnan(m["loss"]):
+        return {}
+    return {EvalReport.key("eval_loss"): m["loss"], EvalReport.key("eval_accuracy"): m["accuracy"]}

@@ -1,17 +1,22 @@
-"""Everything a run needs on disk before the ServerApp starts: teacher, target cache, shards."""
+"""Everything a run needs on disk before the ServerApp starts: teacher, target cache, shards.
+
+The files a config names are checked here (``check_files``), not when the config is validated,
+so validating a config never reads a file; a bad file still stops the run before round 1.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from fedrnn.config import RunConfig
+from fedrnn.config import ConfigError, RunConfig
 from fedrnn.data.loaders import Columns, Reviews
 from fedrnn.data.partitions import (
     partition_amazon,
@@ -22,13 +27,24 @@ from fedrnn.data.partitions import (
     save_partitions,
 )
 from fedrnn.data.target import BUILTIN, TargetData, TargetSpec, load_target, prepare_target
-from fedrnn.federation.loop import Prepared
-from fedrnn.model.checkpoint import load_checkpoint, save_checkpoint, write_json
+from fedrnn.devices import DeviceError, load_trace
+from fedrnn.federation.rundir import RunDir
+from fedrnn.io import write_json
+from fedrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from fedrnn.model.pretrain import PretrainConfig, pretrain
 from fedrnn.model.rnn import ModelConfig, SentimentRNN
-from fedrnn.runs.rundir import RunDir
 
 CACHE_ENV = "FEDRNN_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Files a run reads, prepared before round 1."""
+
+    teacher_dir: str
+    target_path: str
+    partitions_path: str
+    run_dir: str
 
 
 def cache_dir() -> Path:
@@ -106,8 +122,23 @@ def save_test_split(path: Path, data: TargetData) -> None:
             f.write(json.dumps({"text": str(text), "label": data.classes[int(label)], "group": str(group)}) + "\n")
 
 
-def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = None) -> Prepared:
+def check_files(cfg: RunConfig) -> None:
+    """The files the config names are readable and fit it: a target file, the device trace (one row per client)."""
+    if cfg.run.target not in BUILTIN and not Path(cfg.run.target).is_file():
+        raise ConfigError(f"run.target: {cfg.run.target} names no existing file", "run.target")
+    if cfg.devices.enabled and cfg.devices.trace:
+        try:
+            fleet = load_trace(cfg.devices.trace)
+        except DeviceError as e:
+            raise ConfigError(f"devices.trace: {e}", "devices.trace") from None
+        if len(fleet) != cfg.run.clients:
+            raise ConfigError(f"devices.trace: {cfg.devices.trace} has {len(fleet)} clients but "
+                              f"run.clients = {cfg.run.clients}", "devices.trace")
+
+
+def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = None) -> RunFiles:
     console = console or Console()
+    check_files(cfg)
     teacher = ensure_teacher(cfg, console)
     _, tok, meta = load_checkpoint(teacher)
     target = prepare_target(
@@ -133,4 +164,4 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = N
         write_json(rd.path / "partition.json", info | {"classes": data.classes})
         if len(data.test_texts):
             save_test_split(rd.path / "target_test.jsonl.gz", data)
-    return Prepared(teacher, str(Path(target).resolve()), str(rd.partitions_path.resolve()), str(rd.path.resolve()))
+    return RunFiles(teacher, str(Path(target).resolve()), str(rd.partitions_path.resolve()), str(rd.path.resolve()))
