@@ -8,6 +8,9 @@ because a device owner sees their own accuracy, not the population's average.
 
 Fine-tuning the head alone keeps it cheap enough for any device: the body's pooled features of
 the client's reviews are computed once (eval mode), and only the small linear head trains on them.
+In a simulation the server holds every virtual client's shard, so ``Personalization`` does this
+for each client right after the last round's aggregate; it is on in every simulated run (with
+``head_epochs = 0`` it reports the "before" distribution only). Real devices are not asked.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.serverapp import Grid
 from torch import nn
 from torch.nn import functional as F
 
 from fedrnn.config import PersonalizeSection
 from fedrnn.data.partitions import load_partitions, split_holdout
 from fedrnn.data.tokenizer import Encoded
+from fedrnn.federation.plugin import Arrays, RoundInfo, RoundPlugin, RunContext
 from fedrnn.model.rnn import SentimentRNN
 from fedrnn.model.training import length_bucketed_batches, to_tensors
 
@@ -87,7 +92,23 @@ def personalize_clients(model: SentimentRNN, pool: Encoded, shards: list[np.ndar
     return out
 
 
-def personalize_run(model: SentimentRNN, pool: Encoded, partitions_path: str, holdout: float, seed: int,
-                    cfg: PersonalizeSection) -> dict[str, Any]:
-    """``personalize_clients`` over a run's saved partitions."""
-    return personalize_clients(model, pool, load_partitions(partitions_path), holdout, seed, cfg)
+class Personalization(RoundPlugin):
+    """After the last round: every client's held-out accuracy, before and after its own head fine-tuning."""
+
+    name = "personalize"
+
+    def __init__(self, cfg: PersonalizeSection) -> None:
+        self.cfg = cfg
+        self.ctx: RunContext | None = None
+
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx if ctx.simulated else None  # real devices keep their data: nothing to measure here
+
+    def after_aggregate(self, info: RoundInfo, grid: Grid, arrays: Arrays) -> dict[str, Any]:
+        ctx = self.ctx
+        if ctx is None or info.number != ctx.cfg.run.rounds:
+            return {}
+        model = ctx.global_model(arrays)
+        shards = load_partitions(ctx.files.partitions_path)
+        return personalize_clients(model, ctx.target.pool, shards, ctx.cfg.client.holdout_fraction, ctx.cfg.run.seed,
+                                   self.cfg)
