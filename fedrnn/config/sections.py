@@ -17,8 +17,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedrnn.data.loaders import TABLE_SUFFIXES
 from fedrnn.data.partitions import PARTITIONS
+from fedrnn.data.reviews import TABLE_SUFFIXES
 from fedrnn.devices import NETWORKS, PROFILES
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
 from fedrnn.model.rnn import CELLS, TRANSFER_MODES

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from rich.console import Console
 
-from fedrnn.data.loaders import clean_text
+from fedrnn.data.reviews import clean_text
 from fedrnn.data.tokenizer import TokenizerError, encode, load_tokenizer
 from fedrnn.edge.explain import explain, to_html, to_rich
 

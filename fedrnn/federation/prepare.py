@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from fedrnn.config import ConfigError, RunConfig
-from fedrnn.data.loaders import Columns, Reviews
+from fedrnn.data.files import Columns
 from fedrnn.data.partitions import (
     partition_amazon,
     partition_by_group,
@@ -26,6 +26,7 @@ from fedrnn.data.partitions import (
     partition_quantity,
     save_partitions,
 )
+from fedrnn.data.reviews import Reviews
 from fedrnn.data.target import BUILTIN, TargetData, TargetSpec, load_target, prepare_target
 from fedrnn.devices import DeviceError, load_trace
 from fedrnn.federation.rundir import RunDir
