@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrnn.config import dump_toml
-from fedrnn.runs.rundir import RunDir
+from fedrnn.federation.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -50,7 +50,9 @@ from fedrnn.data.loaders import load_amazon
 from fedrnn.data.tokenizer import Encoded, encode, train_tokenizer
 from fedrnn.model.rnn import TRANSFER_MODES, ModelConfig, SentimentRNN, set_trainable
 from fedrnn.model.training import to_tensors, train_steps
-from fedrnn.privacy.dp_sgd import OPACUS_MODES, PrivacyState, poisson_batches, sample_rate, train_dp
+from fedrnn.privacy.accounting import PrivacyState, sample_rate
+from fedrnn.privacy.batching import poisson_batches
+from fedrnn.privacy.dp_sgd import OPACUS_MODES, train_dp
 from fedrnn.privacy.per_sample import clipped_grad_sum, per_sample_taps
 
 SEED = 0

@@ -32,12 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
-from fedrnn.federation.loop import Federation, Prepared, VirtualClients  # noqa: E402
-from fedrnn.federation.strategies import make_strategy  # noqa: E402
-from fedrnn.model.checkpoint import write_csv  # noqa: E402
-from fedrnn.runs.prepare import prepare_run  # noqa: E402
-from fedrnn.runs.rundir import RunDir  # noqa: E402
-from fedrnn.simulate import backend_config, start_ray  # noqa: E402
+from fedrnn.federation.rundir import RunDir  # noqa: E402
+from fedrnn.io import write_csv  # noqa: E402
+from fedrnn.runs.lifecycle import run_batch  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 RULES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
@@ -71,50 +68,12 @@ def arm_config(a: argparse.Namespace, arm: Arm) -> RunConfig:
     })
 
 
-def run_arms(arms: list[Arm], configs: dict[Arm, RunConfig], work: Path) -> None:
-    """Every unfinished arm, in order, inside one Flower simulation."""
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import app as client_app
-    from server.server_app import build_plugins
-
-    todo = [arm for arm in arms if not (work / arm.name / "done").is_file()]
-    if not todo:
-        return
-    prepared: dict[Arm, Prepared] = {}
-    for arm in todo:
-        rd = RunDir(work / arm.name)
-        if not (rd.path / "config.json").is_file():
-            rd.create(configs[arm].to_dict())
-        prepared[arm] = prepare_run(configs[arm], rd.path)
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        for arm in todo:
-            t0 = time.perf_counter()
-            cfg = configs[arm]
-            fed = Federation(cfg, prepared[arm], make_strategy(cfg), VirtualClients(), build_plugins(cfg))
-            fed.on_round.append(lambda row, name=arm.name: print(
-                f"{name} round {row['round']}: trained {row['trained']} rejected {row['rejected']} "
-                f"attackers {row.get('attackers', 0)} ({row['round_seconds']:.1f} s)", flush=True))
-            fed.run(grid)
-            (work / arm.name / "done").write_text(f"{time.perf_counter() - t0:.1f}\n")
-            print(f"{arm.name}: {time.perf_counter() - t0:.0f} s", flush=True)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    cfg0 = configs[todo[0]]
-    start_ray(cfg0)
-    run_simulation(server_app=server, client_app=client_app, backend_config=backend_config(cfg0),
-                   num_supernodes=max(cfg0.run.clients_per_round, cfg0.simulation.actors))
-    missing = [arm.name for arm in todo if not (work / arm.name / "done").is_file()]
-    if missing:
-        raise RuntimeError(f"the simulation ended before these arms finished: {missing}")
+def round_line(name: str):
+    return lambda row: print(f"{name} round {row['round']}: trained {row['trained']} rejected {row['rejected']} "
+                             f"attackers {row.get('attackers', 0)} ({row['round_seconds']:.1f} s)", flush=True)
 
 
-def summarize(arm: Arm, work: Path) -> dict:
+def summarize(arm: Arm, work: Path, summaries: dict[str, dict]) -> dict:
     rows = RunDir(work / arm.name).read_metrics()
     rounds = [r for r in rows if r["round"] >= 1]
     norms = [r["update_norm_max"] / r["update_norm_median"] for r in rounds if r.get("update_norm_median")]
@@ -125,7 +84,7 @@ def summarize(arm: Arm, work: Path) -> dict:
         "attackers_accepted": sum(r.get("attackers_accepted", 0) for r in rounds),
         "rejected": sum(r["rejected"] for r in rounds),
         "max_norm_over_median": max(norms) if norms else None,
-        "seconds": float((work / arm.name / "done").read_text()),
+        "seconds": round(summaries[arm.name]["wall_seconds"], 1),
     }
 
 
@@ -186,8 +145,9 @@ def main() -> None:
     configs = {arm: arm_config(a, arm) for arm in arms}
     work = Path(a.work)
     t0 = time.perf_counter()
-    run_arms(arms, configs, work)
-    results = [summarize(arm, work) for arm in arms]
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    summaries = run_batch({arm.name: cfg for arm, cfg in configs.items()}, work, on_round=round_line)
+    results = [summarize(arm, work, summaries) for arm in arms]
     write_csv(RESULTS / "attack_study.csv", results)
     plot(results, RESULTS / "attack_study.png")
     print(table(results))

@@ -42,10 +42,11 @@ from fedrnn.config import dump_toml  # noqa: E402
 from fedrnn.data.target import load_target, prepare_target  # noqa: E402
 from fedrnn.devices import measure_host_throughput  # noqa: E402
 from fedrnn.federation.local import build_model, load_base  # noqa: E402
-from fedrnn.model.checkpoint import load_checkpoint, write_csv  # noqa: E402
+from fedrnn.federation.prepare import cache_dir  # noqa: E402
+from fedrnn.federation.rundir import RunDir  # noqa: E402
+from fedrnn.io import write_csv  # noqa: E402
+from fedrnn.model.checkpoint import load_checkpoint  # noqa: E402
 from fedrnn.runs.plots import plt  # noqa: E402  (Agg backend already chosen)
-from fedrnn.runs.prepare import cache_dir  # noqa: E402
-from fedrnn.runs.rundir import RunDir  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 POLICIES = ("drop", "partial", "wait")
@@ -93,8 +94,8 @@ def run(name: str, cfg: dict, work: Path) -> list[dict]:
     if not (out / "summary.json").is_file():
         work.mkdir(parents=True, exist_ok=True)
         (work / f"{name}.toml").write_text(dump_toml(cfg))
-        args = ["--resume", str(out)] if (out / "state.json").is_file() else [
-            "--config", str(work / f"{name}.toml"), "--out", str(out)]
+        args = ["--resume", str(out)] if (out / "state.json").is_file() else [  # no round done: start over
+            "--config", str(work / f"{name}.toml"), "--out", str(out), "--overwrite"]
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", *args], cwd=ROOT, capture_output=True,
                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -28,7 +28,6 @@ one seed. Results: simulations/results/privacy_study.{csv,png} and a markdown ta
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -37,16 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flwr.app import Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from fedrnn.config import RunConfig, config_from_dict  # noqa: E402
-from fedrnn.federation.loop import Federation, VirtualClients  # noqa: E402
-from fedrnn.federation.strategies import make_strategy  # noqa: E402
-from fedrnn.model.checkpoint import write_csv, write_json  # noqa: E402
-from fedrnn.runs.prepare import prepare_run  # noqa: E402
-from fedrnn.runs.rundir import RunDir  # noqa: E402
-from fedrnn.simulate import backend_config, start_ray  # noqa: E402
+from fedrnn.config import config_from_dict  # noqa: E402
+from fedrnn.federation.rundir import RunDir  # noqa: E402
+from fedrnn.io import write_csv  # noqa: E402
+from fedrnn.runs.lifecycle import run_batch  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
@@ -73,45 +67,6 @@ def run_config(a: argparse.Namespace, alpha: float, level: str, eps: float) -> d
         cfg["privacy"] = {"client_level": "fixed", "clients_target_epsilon": eps, "clipping_norm": CLIENT_CLIP,
                           "delta": DELTA}
     return cfg
-
-
-def run_batch(runs: dict[str, RunConfig], work: Path) -> dict[str, float]:
-    """Run (or finish) every run not yet done inside one Flower simulation; returns seconds per run."""
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import app as client_app
-    from server.server_app import build_plugins
-
-    todo = {name: cfg for name, cfg in runs.items() if not (work / name / "summary.json").is_file()}
-    if not todo:
-        return {}
-    prepared = {}
-    for name, cfg in todo.items():
-        rd = RunDir(work / name)
-        if not (rd.path / "config.json").is_file():
-            rd.create(cfg.to_dict())
-        prepared[name] = prepare_run(cfg, rd.path)
-    seconds: dict[str, float] = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        for name, cfg in todo.items():
-            t0 = time.perf_counter()
-            fed = Federation(cfg, prepared[name], make_strategy(cfg), VirtualClients(), build_plugins(cfg))
-            totals = fed.run(grid)
-            seconds[name] = time.perf_counter() - t0
-            write_json(work / name / "summary.json", {"final": RunDir(work / name).read_metrics()[-1], **totals})
-            print(f"{name:>24}: done in {seconds[name]:.0f} s", flush=True)
-
-    first = next(iter(todo.values()))
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    start_ray(first)
-    run_simulation(server_app=app, client_app=client_app, backend_config=backend_config(first),
-                   num_supernodes=max(first.run.clients_per_round, first.simulation.actors))
-    if set(seconds) != set(todo):
-        raise RuntimeError(f"runs {sorted(set(todo) - set(seconds))} did not finish; see the log above")
-    return seconds
 
 
 def summarize(level: str, alpha: float, eps: float, rows: list[dict], seconds: float | None) -> dict:
@@ -190,9 +145,10 @@ def main() -> None:
     for alpha in ALPHAS:
         plan = [("none", math.inf)] + [(level, eps) for level in LEVELS for eps in EPSILONS]
         runs = {f"a{alpha:g}-{level}-eps{eps:g}": (level, eps) for level, eps in plan}
-        seconds = run_batch({n: config_from_dict(run_config(a, alpha, *le)) for n, le in runs.items()}, work)
+        summaries = run_batch({n: config_from_dict(run_config(a, alpha, *le)) for n, le in runs.items()}, work)
         for name, (level, eps) in runs.items():
-            results.append(summarize(level, alpha, eps, RunDir(work / name).read_metrics(), seconds.get(name)))
+            seconds = summaries[name]["wall_seconds"]
+            results.append(summarize(level, alpha, eps, RunDir(work / name).read_metrics(), seconds))
             r = results[-1]
             print(f"{name:>24}: accuracy {r['target_accuracy']:.4f}  epsilon spent {r['epsilon_spent']}", flush=True)
     for r in results:

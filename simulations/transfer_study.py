@@ -42,9 +42,9 @@ from fedrnn.config import dump_toml  # noqa: E402
 from fedrnn.data.partitions import load_partitions, split_holdout  # noqa: E402
 from fedrnn.data.target import load_target  # noqa: E402
 from fedrnn.federation.local import LocalTrainConfig, build_model, load_base, local_train  # noqa: E402
-from fedrnn.model.checkpoint import write_csv  # noqa: E402
+from fedrnn.federation.rundir import RunDir  # noqa: E402
+from fedrnn.io import write_csv  # noqa: E402
 from fedrnn.model.training import evaluate  # noqa: E402
-from fedrnn.runs.rundir import RunDir  # noqa: E402
 
 RESULTS = ROOT / "simulations" / "results"
 

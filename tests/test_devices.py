@@ -19,6 +19,7 @@ from fedrnn.devices import (
     TraceWindows,
     adapt_to_memory,
     estimate_training_memory,
+    load_trace,
     measure_host_throughput,
     memory_breakdown,
     plan_round,
@@ -336,7 +337,7 @@ def test_excluded_memory_clients_do_not_take_part():
 
 
 def test_example_trace_loads():
-    f = Fleet.from_trace(EXAMPLE)
+    f = load_trace(EXAMPLE)
     assert len(f) == 10
     assert f.device_class[0] == "rpi5" and f.device_class[9] == "phone-mid"
     assert np.isnan(f.relative_speed[6]) and f.speed_samples_per_s[6] == pytest.approx(38.0)
@@ -374,7 +375,7 @@ def test_json_trace_matches_csv(tmp_path):
             }
         )
     )
-    f = Fleet.from_trace(p)
+    f = load_trace(p)
     assert f.device_class == ["x", "trace"] and f.down_bps.tolist() == [2e6, 1e6]
     assert f.ram_bytes[1] == math.inf and list(f.available(45.0)) == [0, 1] and list(f.available(15.0)) == [1]
 
@@ -403,20 +404,20 @@ def _write(tmp_path, body: str, header: str = HEADER) -> Path:
 def test_bad_trace_rows_are_rejected_with_file_row_and_problem(tmp_path, body, message):
     path = _write(tmp_path, body)
     with pytest.raises(DeviceError, match=message) as e:
-        Fleet.from_trace(path)
+        load_trace(path)
     assert str(path) in str(e.value)
 
 
 def test_trace_header_problems(tmp_path):
     with pytest.raises(DeviceError, match=r"header: missing column\(s\) \['up_bps'\]"):
-        Fleet.from_trace(_write(tmp_path, "", header="client_id,samples_per_s,down_bps,latency_s,active\n"))
+        load_trace(_write(tmp_path, "", header="client_id,samples_per_s,down_bps,latency_s,active\n"))
     with pytest.raises(DeviceError, match=r"unknown column\(s\) \['speed'\]"):
-        Fleet.from_trace(_write(tmp_path, "", header=HEADER.strip() + ",speed\n"))
+        load_trace(_write(tmp_path, "", header=HEADER.strip() + ",speed\n"))
     both = "client_id,samples_per_s,relative_speed,down_bps,up_bps,latency_s,active\n"
     with pytest.raises(DeviceError, match="line 2: give exactly one of"):
-        Fleet.from_trace(_write(tmp_path, "0,10,0.5,1e6,1e6,0,always\n", header=both))
+        load_trace(_write(tmp_path, "0,10,0.5,1e6,1e6,0,always\n", header=both))
     with pytest.raises(DeviceError, match="does not exist"):
-        Fleet.from_trace(tmp_path / "nope.csv")
+        load_trace(tmp_path / "nope.csv")
 
 
 # ---- aggregation and calibration -------------------------------------------------------------------

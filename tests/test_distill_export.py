@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from processes import run_predict
 
 from fedrnn.data.loaders import load_imdb
@@ -167,6 +169,23 @@ def test_export_writes_a_complete_directory_with_float_parity(exported: Path, se
     assert cfg["bytes"][INT8_MODEL] < cfg["bytes"][FLOAT_MODEL] / 2
 
 
+def test_int8_weights_fit_the_int16_pair_sums_of_non_vnni_cpus(exported: Path) -> None:
+    """uint8 x int8 products are summed in pairs into int16 on AVX2-only CPUs: weights beyond 64 saturate there.
+
+    The parity checks above pass on a VNNI machine whatever the weight range; this one does not depend on the CPU.
+    """
+    model = onnx.load(str(exported / INT8_MODEL))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type in ("DynamicQuantizeLSTM", "MatMulInteger"):
+            for name in node.input:
+                if name in weights and weights[name].dtype == np.int8 and weights[name].size > 1:
+                    assert np.abs(weights[name].astype(np.int32)).max() <= 64, (node.op_type, name)
+                    checked += 1
+    assert checked >= 3  # the LSTM's input and recurrent weights, the head's weight
+
+
 def test_onnx_float_matches_torch_on_real_reviews(exported: Path, distilled: tuple, setup: dict) -> None:
     student, held = distilled[1], setup["held"]
     ref = predict_logits(student, held).numpy()
@@ -245,3 +264,34 @@ def test_predict_command_reports_a_missing_export(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0 and "config.json does not exist" in proc.stderr
 
+
+
+def _missing_provider() -> str:
+    """A provider onnxruntime knows but this build lacks (a CPU build lacks CUDA, TensorRT, CoreML...)."""
+    import onnxruntime as ort
+
+    missing = [p for p in ort.get_all_providers() if p not in ort.get_available_providers()]
+    if not missing:
+        pytest.skip("every provider onnxruntime knows is installed")
+    return missing[0]
+
+
+def test_predictor_falls_back_to_cpu_when_a_provider_is_missing(exported: Path, setup: dict) -> None:
+    missing = _missing_provider()
+    short = missing.removesuffix("ExecutionProvider").lower()
+    with pytest.warns(RuntimeWarning, match=f"{missing} is not available .*falling back to CPUExecutionProvider"):
+        fallback = Predictor(exported, provider=short)
+    assert fallback.provider == "CPUExecutionProvider" == Predictor(exported, provider="cpu").provider
+    texts = setup["held_texts"][:4]
+    np.testing.assert_allclose(fallback.predict_proba(texts), Predictor(exported).predict_proba(texts), atol=1e-6)
+    with pytest.raises(PredictError, match="unknown execution provider 'warp'; onnxruntime knows .*CUDA"):
+        Predictor(exported, provider="warp")
+
+
+def test_predict_command_reports_the_provider_it_used(exported: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedrnn.edge.predict import main as predict_main
+
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        predict_main([str(exported), "a wonderful film", "--provider", _missing_provider()])
+    captured = capsys.readouterr()
+    assert "provider: CPUExecutionProvider" in captured.err and len(captured.out.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from processes import free_port, stop_tree
 
-from fedrnn.runs.rundir import RunDir
+from fedrnn.federation.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -15,22 +15,18 @@ from torch.nn import functional as F
 
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, set_trainable
-from fedrnn.privacy.dp_sgd import (
-    BUDGET_EXHAUSTED,
-    TRAINED,
+from fedrnn.privacy.accounting import (
     PrivacyState,
     calibrate_noise,
     epsilon,
-    from_dp_state,
-    length_chunks,
     new_privacy_state,
     planned_steps,
-    poisson_batches,
     remaining_budget,
     sample_rate,
-    to_dp_model,
-    train_dp,
 )
+from fedrnn.privacy.batching import length_chunks, poisson_batches
+from fedrnn.privacy.dp_model import from_dp_state, to_dp_model
+from fedrnn.privacy.dp_sgd import BUDGET_EXHAUSTED, TRAINED, train_dp
 from fedrnn.privacy.per_sample import clipped_grad_sum, per_sample_taps
 
 TINY = ModelConfig(vocab_size=200, embed_dim=16, hidden_size=16, dropout=0.0)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from messages import reply_metadata
+from messages import reply_metadata, round_info, task
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
@@ -29,20 +29,20 @@ from fedrnn.data.partitions import load_partitions, split_holdout
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.federation.local import LocalTrainConfig
 from fedrnn.federation.loop import OneNodeGrid
+from fedrnn.federation.messages import REPLY_PRIVACY, RecordDP
+from fedrnn.federation.rundir import RunDir
 from fedrnn.federation.strategies import make_strategy
 from fedrnn.federation.wire import from_record, to_record
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, trainable_names
-from fedrnn.plugins.client_dp import ClientLevelDP, calibrate_client_noise, gaussian_epsilon
+from fedrnn.plugins.client_dp import ClientLevelDP, ClientLevelLedger, calibrate_client_noise, gaussian_epsilon
 from fedrnn.plugins.record_dp import (
-    REPLY_RECORD,
     PrivacyLedger,
     device_state_file,
     record_dp_config,
     record_dp_train,
 )
-from fedrnn.privacy.dp_sgd import PrivacyState, epsilon
-from fedrnn.runs.rundir import RunDir
+from fedrnn.privacy.accounting import PrivacyState, epsilon
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 420
@@ -100,7 +100,7 @@ def _reply(arrays: dict[str, np.ndarray], client: int, num_examples: int = 10) -
 def _client_dp(privacy: dict, rounds: int = 3) -> ClientLevelDP:
     cfg = config_from_dict({"run": {"clients": 20, "clients_per_round": 5, "rounds": rounds, "seed": 3},
                             "privacy": privacy})
-    strategy = make_strategy(cfg)
+    strategy = ClientLevelLedger(cfg).wrap_strategy(make_strategy(cfg))
     assert isinstance(strategy, ClientLevelDP)
     return strategy
 
@@ -187,11 +187,11 @@ LOCAL = LocalTrainConfig(lr=0.01, epochs=1, batch_size=8, max_steps=4, proximal_
 def _device_round(tmp_path: Path, privacy: PrivacySection, server_state: PrivacyState | None = None):
     model, names = _model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = ConfigRecord({**record_dp_config(privacy, 2, server_state), "mode": "fine-tune"})
+    dp = RecordDP.parse(record_dp_config(privacy, 2, server_state))
     node = {"data-path": str(tmp_path / "reviews.csv"), "state-dir": str(tmp_path / "state")}
-    arrays, metrics, extra = record_dp_train(model, _data(), LOCAL, names, cfg, node)
+    arrays, metrics, extra = record_dp_train(model, _data(), LOCAL, names, task(), dp, node)
     changed = any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
-    return arrays, metrics, PrivacyState.from_dict(extra[REPLY_RECORD]), changed, device_state_file(node)
+    return arrays, metrics, PrivacyState.from_dict(extra[REPLY_PRIVACY]), changed, device_state_file(node)
 
 
 def test_device_keeps_its_budget_in_its_own_file_across_rounds(tmp_path: Path) -> None:
@@ -224,9 +224,9 @@ def test_exhausted_client_returns_its_weights_untrained(tmp_path: Path) -> None:
 def test_simulated_client_calibrates_its_noise_to_the_planned_rounds(tmp_path: Path) -> None:
     privacy = PrivacySection(record_level=True, target_epsilon=3.0)
     model, names = _model()
-    cfg = ConfigRecord({**record_dp_config(privacy, 2, None), "mode": "fine-tune"})
-    _, m, extra = record_dp_train(model, _data(), LOCAL, names, cfg, {})  # no data-path: simulation, no file
-    state = PrivacyState.from_dict(extra[REPLY_RECORD])
+    dp = RecordDP.parse(record_dp_config(privacy, 2, None))
+    _, m, extra = record_dp_train(model, _data(), LOCAL, names, task(), dp, {})  # no data-path: simulation, no file
+    state = PrivacyState.from_dict(extra[REPLY_PRIVACY])
     two_rounds = _opacus_epsilon([(state.noise_multiplier, 8 / 48, 8)])
     assert 2.85 <= two_rounds <= 3.0 and m["dp-exhausted"] == 0.0  # calibrated on integer orders: a bit under
     assert not list(tmp_path.iterdir())
@@ -234,14 +234,13 @@ def test_simulated_client_calibrates_its_noise_to_the_planned_rounds(tmp_path: P
 
 def test_dp_round_is_reproducible_whatever_ran_before() -> None:
     """Ray workers serve many clients in turn: a round must not depend on what the worker drew before."""
-    cfg = ConfigRecord({**record_dp_config(PrivacySection(record_level=True, noise_multiplier=1.0), 1, None),
-                        "mode": "fine-tune"})
+    dp = RecordDP.parse(record_dp_config(PrivacySection(record_level=True, noise_multiplier=1.0), 1, None))
     outputs = []
     for earlier_draws in (1, 5):
         torch.manual_seed(0)
         model = SentimentRNN(ModelConfig(vocab_size=60, embed_dim=8, hidden_size=8, num_layers=2, dropout=0.5))
         torch.rand(earlier_draws)  # an earlier client's dropout on the same worker
-        outputs.append(record_dp_train(model, _data(), LOCAL, trainable_names(model, "fine-tune"), cfg, {})[0])
+        outputs.append(record_dp_train(model, _data(), LOCAL, trainable_names(model, "fine-tune"), task(), dp, {})[0])
     assert all(np.array_equal(outputs[0][n], outputs[1][n]) for n in outputs[0])
 
 
@@ -251,27 +250,27 @@ def _ledger_reply(client: int, state: PrivacyState | None, trained: bool, exhaus
                                                    "dp-exhausted": float(exhausted),
                                                    "dp-epsilon": epsilon(state) if state else 0.0})})
     if state is not None:
-        content[REPLY_RECORD] = ConfigRecord(state.to_dict())
+        content[REPLY_PRIVACY] = ConfigRecord(state.to_dict())
     return Message(content, metadata=meta)
 
 
 def test_ledger_drops_untrained_replies_and_excludes_spent_clients() -> None:
     ledger = PrivacyLedger(PrivacySection(record_level=True, noise_multiplier=1.0, target_epsilon=5.0))
     run = SimpleNamespace(rounds=10, clients_per_round=3, clients=10)
-    ledger.setup(SimpleNamespace(cfg=SimpleNamespace(run=run), sent={f"m{c}": c for c in range(5)}))  # type: ignore
+    ledger.setup(SimpleNamespace(cfg=SimpleNamespace(run=run)))  # type: ignore[arg-type]
     assert ledger.planned_rounds == 3
-    assert "dp-state-history-noise" not in ledger.configure(1, [0], np.random.default_rng())[0]
+    assert ledger.configure(round_info(1), [0], np.random.default_rng())[0]["dp-state-json"] == ""
     s = {c: PrivacyState(1.0, 1.0, DELTA, 5.0, [(1.0, 0.1, 10 * (c + 1))]) for c in range(4)}
     replies = [_ledger_reply(0, s[0], True, False), _ledger_reply(1, s[1], True, True),
                _ledger_reply(2, s[2], False, True), _ledger_reply(3, None, True, False)]
-    kept, metrics = ledger.on_replies(1, replies)
+    kept, metrics = ledger.on_replies(round_info(1, prefix="m"), replies)
     assert [int(r.content["metrics"]["client-id"]) for r in kept] == [0, 1]
     assert metrics["dp_record_skipped"] == 1 and metrics["dp_record_unaccounted"] == 1
     assert metrics["dp_record_exhausted"] == 2 and ledger.candidates(2, list(range(5))) == [0, 3, 4]
     assert metrics["dp_record_epsilon"] == {str(c): pytest.approx(epsilon(s[c])) for c in range(3)}
     assert metrics["dp_record_epsilon_max"] == pytest.approx(epsilon(s[2]))
-    sent = ledger.configure(2, [0], np.random.default_rng())[0]
-    assert sent["dp-state-history-steps"] == [10]  # the state goes back to the client
+    sent = ledger.configure(round_info(2), [0], np.random.default_rng())[0]
+    assert PrivacyState.from_json(sent["dp-state-json"]).history == s[0].history  # the state goes back to the client
     restored = PrivacyLedger(ledger.cfg)
     restored.load_state(*ledger.state())
     assert restored.states == ledger.states and restored.exhausted == ledger.exhausted
@@ -317,10 +316,7 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Path, d
     config, out = tmp / "dp.toml", tmp / "run"
     config.write_text(E2E_CONFIG.format(rounds=2, client_level=CLIENT_LEVEL))
     _simulate(["--config", str(config), "--teacher", str(tiny_teacher[0]), "--out", str(out)], tmp / "cache")
-    saved = json.loads((out / "config.json").read_text())
-    saved["run"]["rounds"] = 4
-    (out / "config.json").write_text(json.dumps(saved))
-    _simulate(["--resume", str(out)], tmp / "cache")
+    _simulate(["--resume", str(out), "--rounds", "4"], tmp / "cache")
     return out
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from messages import reply_metadata
+from messages import reply_metadata, round_info
 
 from fedrnn.config import STRATEGIES, AttackSection, ConfigError, FaultsSection, RobustSection, config_from_dict
 from fedrnn.data.tokenizer import Encoded
@@ -41,9 +41,11 @@ def _expected(**kw: object) -> Expected:
 
 def _validator(cfg: RobustSection | None = None) -> ReplyValidator:
     v = ReplyValidator(cfg or RobustSection())
-    v.fed = SimpleNamespace(current_arrays=GLOBAL, sent={f"m{c}": c for c in range(10)})
     v.max_examples = {c: 10 for c in range(10)}
     return v
+
+
+ROUND = round_info(1, GLOBAL, range(10), prefix="m")
 
 
 def test_a_sound_reply_passes_with_its_update_norm() -> None:
@@ -110,7 +112,7 @@ def test_validator_drops_rejected_replies_and_counts_them() -> None:
         _reply(metrics=_metrics(1), to="m1"),  # a second reply for client 1
         _reply({**GLOBAL, "head.bias": np.array([np.nan, 0], np.float32)}, metrics=_metrics(6), to="m6"),
     ]
-    kept, row = v.on_replies(1, replies)
+    kept, row = v.on_replies(ROUND, replies)
     assert [int(r.content["metrics"]["client-id"]) for r in kept] == [1, 2]
     assert kept[0] is replies[0]
     assert row["rejected"] == 5
@@ -125,9 +127,9 @@ def test_norm_ratio_uses_the_lower_median_and_can_be_switched_off() -> None:
     assert low_median([1.0, 100.0]) == 1.0 and low_median([3.0, 1.0, 2.0]) == 2.0
     big = {k: v + 10.0 for k, v in GLOBAL.items()}
     pair = [_reply(metrics=_metrics(1), to="m1"), _reply(big, metrics=_metrics(2), to="m2")]
-    kept, row = _validator(RobustSection(max_norm_ratio=10.0)).on_replies(1, pair)
+    kept, row = _validator(RobustSection(max_norm_ratio=10.0)).on_replies(ROUND, pair)
     assert len(kept) == 1 and row["rejected"] == 1  # one huge update of two is still caught
-    kept, row = _validator(RobustSection(max_norm_ratio=0.0)).on_replies(1, pair)
+    kept, row = _validator(RobustSection(max_norm_ratio=0.0)).on_replies(ROUND, pair)
     assert len(kept) == 2 and row["rejected"] == 0
 
 
@@ -162,11 +164,9 @@ def test_malicious_set_is_seeded_and_only_they_are_told() -> None:
     assert malicious_clients(30, 9, 1) != a
     plugin = AttackSimulation(AttackSection(clients=9, kind="scale", scale=5.0))
     plugin.setup(SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(clients=30, seed=0))))
-    out = plugin.configure(1, list(range(10)), np.random.default_rng(0))
+    out = plugin.configure(round_info(1), list(range(10)), np.random.default_rng(0))
     assert set(out) == set(a) & set(range(10))
     assert all(v == {"attack": "scale", "attack-scale": 5.0} for v in out.values())
-    with pytest.raises(ConfigError, match="attack.clients must be <= run.clients = 5"):
-        plugin.setup(SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(clients=5, seed=0))))
 
 
 def test_poisoned_updates_and_labels() -> None:
@@ -179,7 +179,7 @@ def test_poisoned_updates_and_labels() -> None:
     flipped = poison_data(data, "label-flip")
     assert flipped.labels.tolist() == [1, 0, 0] and data.labels.tolist() == [0, 1, 1]
     assert poison_data(data, "scale") is data
-    assert attack_of(ConfigRecord({})) == "" and attack_of(ConfigRecord({"attack": "scale"})) == "scale"
+    assert attack_of(ConfigRecord({})) is None and attack_of(ConfigRecord({"attack": "scale"})).attack == "scale"
     with pytest.raises(ValueError, match="unknown attack 'melt'"):
         attack_of(ConfigRecord({"attack": "melt"}))
 
@@ -190,8 +190,8 @@ def test_poisoned_updates_and_labels() -> None:
 def test_fault_plugin_marks_the_named_clients_in_the_named_rounds() -> None:
     plugin = FaultInjection(FaultsSection(raise_clients=[1], hang_clients=[2], crash_clients=[3], hang_s=4.0,
                                           rounds=[2]))
-    assert plugin.configure(1, [1, 2, 3, 4], np.random.default_rng(0)) == {}
-    assert plugin.configure(2, [1, 2, 3, 4], np.random.default_rng(0)) == {
+    assert plugin.configure(round_info(1), [1, 2, 3, 4], np.random.default_rng(0)) == {}
+    assert plugin.configure(round_info(2), [1, 2, 3, 4], np.random.default_rng(0)) == {
         1: {"fault": "raise", "hang-s": 4.0}, 2: {"fault": "hang", "hang-s": 4.0}, 3: {"fault": "crash", "hang-s": 4.0}}
     with pytest.raises(InjectedFault, match="client 1 raised"):
         inject_fault(ConfigRecord({"fault": "raise", "client-id": 1}))
@@ -231,6 +231,10 @@ def test_robustness_config_keys_are_checked() -> None:
         ({"attack": {"scale": 0.5}}, "attack.scale must be > 1"),
         ({"robust": {"max_norm_ratio": 0.5}}, "robust.max_norm_ratio must be 0 (off) or >= 1"),
         ({"robust": {"max_update_norm": -1}}, "robust.max_update_norm must be >= 0"),
+        ({"run": {"clients": 5, "clients_per_round": 5}, "attack": {"clients": 6}},
+         "attack.clients must be <= run.clients = 5, got 6"),
+        ({"run": {"clients": 5, "clients_per_round": 5}, "faults": {"hang_clients": [5]}},
+         "faults.*_clients must hold client ids < run.clients = 5, got [5]"),
     ]:
         with pytest.raises(ConfigError) as e:
             config_from_dict(data)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedrnn.federation.rundir import RunDir
 from fedrnn.federation.wire import record_nbytes, to_record
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import trainable_names
-from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 420
@@ -61,6 +61,25 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[P
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
+
+
+# The tiny 3-round run's metrics (``finished_run``: configs/tiny.toml, 3 rounds, the tiny teacher), recorded
+# before the architecture change (commit 9ceba97).
+# A refactor must reproduce them; only a deliberate change to training or evaluation may re-record them.
+PINNED = [  # round, target accuracy, target loss, retention accuracy, train loss, clients' held-out accuracy
+    (0, 0.671875, 0.653510332107544, 0.703125, None, None),
+    (1, 0.6640625, 0.6661683320999146, 0.703125, 0.6779021422068278, 0.641493484377861),
+    (2, 0.671875, 0.6445455551147461, 0.734375, 0.7548254375395022, 0.6171161830425262),
+    (3, 0.640625, 0.6551086902618408, 0.703125, 0.7209451297918956, 0.5709386467933655),
+]
+
+
+def test_metrics_are_pinned(finished_run: Path) -> None:
+    keys = ("round", "target_accuracy", "target_loss", "retention_accuracy", "train_loss", "fed_eval_accuracy_mean")
+    got = [tuple(r.get(k) for k in keys) for r in RunDir(finished_run).read_metrics()]
+    assert len(got) == len(PINNED)
+    for row, want in zip(got, PINNED, strict=True):
+        assert row == pytest.approx(want, abs=1e-5), f"round {want[0]}: {row} != {want}"
 
 
 def test_run_writes_everything(finished_run: Path) -> None:

@@ -29,7 +29,7 @@ def test_apps_import_without_opacus() -> None:
 
 def test_privacy_accounting_still_imports_opacus_when_used() -> None:
     out = _python(
-        "import json, sys; from fedrnn.privacy.dp_sgd import calibrate_noise; "
+        "import json, sys; from fedrnn.privacy.accounting import calibrate_noise; "
         "s = calibrate_noise(4.0, 1e-5, 0.1, 100); "
         "print(json.dumps([s > 0, 'opacus' in sys.modules]))"
     )
@@ -40,7 +40,7 @@ def test_start_ray_local_loopback_and_preloaded_workers() -> None:
     code = """
 import json
 from fedrnn.config import load_config
-from fedrnn.simulate import start_ray
+from fedrnn.runs.ray_engine import start_ray
 start_ray(load_config("configs/tiny.toml"))
 import ray
 

@@ -20,21 +20,22 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from messages import reply_metadata
+from messages import reply_metadata, round_info, task
 
 from fedrnn.config import CompressionSection, ConfigError, load_config
 from fedrnn.data.loaders import amazon_split, load_amazon
 from fedrnn.data.tokenizer import encode as encode_texts
 from fedrnn.edge.quantize import SCALE_SUFFIX, encode
 from fedrnn.federation.loop import Federation
+from fedrnn.federation.messages import Task
+from fedrnn.federation.prepare import prepare_run
+from fedrnn.federation.rundir import RunDir
 from fedrnn.federation.strategies import make_strategy
 from fedrnn.federation.wire import record_nbytes, to_record
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, trainable_names
 from fedrnn.plugins.compression import CLIENT_STATE_DIR, Int8Compression, ResidualStore, decode_downlink, encode_uplink
 from fedrnn.plugins.distill import StudentDistillation
-from fedrnn.runs.prepare import prepare_run
-from fedrnn.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 420
@@ -75,9 +76,7 @@ def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _plugin(tmp_path: Path, **cfg: object) -> Int8Compression:
     plugin = Int8Compression(CompressionSection(**cfg))
-    fed = SimpleNamespace(prepared=SimpleNamespace(run_dir=str(tmp_path)), codec=None)
-    plugin.setup(fed)  # type: ignore[arg-type]
-    assert fed.codec is plugin
+    plugin.setup(SimpleNamespace(files=SimpleNamespace(run_dir=str(tmp_path))))  # type: ignore[arg-type]
     return plugin
 
 
@@ -89,9 +88,10 @@ def _reply(arrays: dict[str, np.ndarray] | None, client: int) -> Message:
     return Message(content, metadata=meta)
 
 
-def _client_cfg(tmp_path: Path, rnd: int, client: int, **extra: object) -> ConfigRecord:
-    return ConfigRecord({"server-round": rnd, "client-id": client, "seed": 0, "uplink": "int8",
-                         "client-state-dir": str(tmp_path / CLIENT_STATE_DIR), **extra})
+def _client_cfg(tmp_path: Path, rnd: int, client: int, **extra: object) -> tuple[ConfigRecord, Task]:
+    up = {"uplink": "int8", "rounding": "nearest", "error-feedback": False,
+          "client-state-dir": str(tmp_path / CLIENT_STATE_DIR)}
+    return ConfigRecord(up | extra), task(server_round=rnd, client_id=client)
 
 
 def test_int8_update_round_trip_lands_on_the_master_weights(tmp_path: Path) -> None:
@@ -105,9 +105,9 @@ def test_int8_update_round_trip_lands_on_the_master_weights(tmp_path: Path) -> N
     update = {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in received.items()}
     trained = {k: received[k] + update[k] for k in received}
     cfg = _client_cfg(tmp_path, 1, 3, rounding="stochastic")
-    up = encode_uplink(cfg, trained, received, Context(0, 0, {}, RecordDict(), {}), simulated=True)
+    up = encode_uplink(*cfg, trained, received, Context(0, 0, {}, RecordDict(), {}), simulated=True)
     assert {k: v.dtype for k, v in up.items()} == {k: np.int8 for k in w} | {k + SCALE_SUFFIX: np.float32 for k in w}
-    kept, metrics = plugin.on_replies(1, [_reply(up, 3)])
+    kept, metrics = plugin.on_replies(round_info(1), [_reply(up, 3)])
     assert len(kept) == 1 and metrics["uplink_rejected"] == 0
     got = {k: v.numpy() for k, v in kept[0].content["arrays"].items()}
     for k in w:  # w + update (within one stochastic-rounding step), not q(w) + update
@@ -120,7 +120,7 @@ def test_float_reply_to_int8_broadcast_is_rebased(tmp_path: Path) -> None:
     w = _arrays()
     received = decode_downlink(to_record(plugin.encode_down(w, 1, MessageType.TRAIN)))
     trained = {k: v + 0.5 for k, v in received.items()}
-    kept, _ = plugin.on_replies(1, [_reply(trained, 0)])
+    kept, _ = plugin.on_replies(round_info(1), [_reply(trained, 0)])
     got = {k: v.numpy() for k, v in kept[0].content["arrays"].items()}
     for k in w:
         np.testing.assert_allclose(got[k], w[k] + 0.5, atol=1e-6)
@@ -144,7 +144,7 @@ def test_malformed_int8_replies_are_dropped_and_counted(tmp_path: Path) -> None:
     replies = [_reply(good, 0)] + [_reply(p, i + 1) for i, p in enumerate(bad.values())]
     replies.append(_reply(good, 99))
     replies[-1].content["arrays"] = ArrayRecord()  # empty record: every tensor missing
-    kept, metrics = plugin.on_replies(2, replies)
+    kept, metrics = plugin.on_replies(round_info(2), replies)
     assert [int(r.content["metrics"]["client-id"]) for r in kept] == [0]
     assert metrics["uplink_rejected"] == len(bad) + 1
     assert set(metrics["uplink_rejected_reasons"]) == {str(i + 1) for i in range(len(bad))} | {"99"}
@@ -161,7 +161,7 @@ def test_error_feedback_residual_persists_and_replays(tmp_path: Path, where: str
                received.items()}
 
     def send(rnd: int) -> dict[str, np.ndarray]:
-        return encode_uplink(_client_cfg(tmp_path, rnd, 4, **{"error-feedback": True}), trained, received, context,
+        return encode_uplink(*_client_cfg(tmp_path, rnd, 4, **{"error-feedback": True}), trained, received, context,
                              simulated)
 
     first = send(1)
@@ -192,10 +192,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Pat
                         "hidden_size": 16, "cell": "gru"}})
         run = RunDir(tmp / "run")
         run.create(cfg.to_dict())
-        fed = Federation(cfg, prepare_run(cfg, run.path), make_strategy(cfg))
         plugin = StudentDistillation(cfg.distill)
-        plugin.setup(fed)
-        fed.plugins = [plugin]
+        fed = Federation(cfg, prepare_run(cfg, run.path), make_strategy(cfg), plugins=[plugin])
+        plugin.setup(fed.context)
         yield fed
 
 
@@ -207,19 +206,20 @@ def test_feddf_distils_from_the_client_models_and_state_resumes(federation: Fede
     rng = np.random.default_rng(0)
     clients = [{k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in arrays.items()} for _ in range(3)]
     replies = [_reply(a, i) for i, a in enumerate(clients)]
-    assert plugin.on_replies(1, replies) == (replies, {}) and plugin.after_aggregate(1, None, arrays) == {}
-    assert not (Path(federation.prepared.run_dir) / "student").exists()  # round 1 of every_k_rounds = 2: nothing
-    plugin.on_replies(2, replies)
-    metrics = plugin.after_aggregate(2, None, arrays)  # type: ignore[arg-type]  # ship off: no Grid needed
+    r1, r2 = round_info(1, arrays), round_info(2, arrays)
+    assert plugin.on_replies(r1, replies) == (replies, {}) and plugin.after_aggregate(r1, None, arrays) == {}
+    assert not (Path(federation.files.run_dir) / "student").exists()  # round 1 of every_k_rounds = 2: nothing
+    plugin.on_replies(r2, replies)
+    metrics = plugin.after_aggregate(r2, None, arrays)  # type: ignore[arg-type]  # ship off: no Grid needed
     assert metrics["student_teachers"] == 3 and "student_device_clients" not in metrics
     assert metrics["student_distill_loss_end"] < metrics["student_distill_loss_start"]
-    student, _, _ = load_checkpoint(Path(federation.prepared.run_dir) / "student")
+    student, _, _ = load_checkpoint(Path(federation.files.run_dir) / "student")
     assert student.cfg.cell == "gru" and student.cfg.vocab_size == federation.base.cfg.vocab_size
     # resume: a fresh plugin loaded from the saved state continues from the same student
     js, saved = plugin.state()
     resumed = StudentDistillation(federation.cfg.distill)
     resumed.load_state(json.loads(json.dumps(js)), saved)
-    resumed.fed = federation
+    resumed.ctx = federation.context
     for k, v in resumed._student().state_dict().items():
         assert torch.equal(v, student.state_dict()[k])
 

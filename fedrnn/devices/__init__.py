@@ -15,7 +15,7 @@ format), ``clock`` (round planning), ``memory`` (training-memory estimate and ad
 API (what the server calls, in round order)
 -------------------------------------------
 ``fleet = Fleet.from_mix(num_clients, {"rpi4": 0.5, "phone-low": 0.5}, seed=0, networks=None)``
-    or ``Fleet.from_trace("configs/fleets/example_trace.csv")`` (CSV or JSON, see ``trace``).
+    or ``load_trace("configs/fleets/example_trace.csv")`` (CSV or JSON, see ``trace``).
 ``ids = fleet.available(sim_time)``; ``selected = select_clients(ids, k, rng)``. ``sim_time`` is
     seconds since 00:00 UTC of day 0; diurnal windows read the local hour from it. When nobody
     is online, ``fleet.next_available_time(sim_time)`` says when to resume.
@@ -33,6 +33,8 @@ API (what the server calls, in round order)
     each for ``steps`` steps, then advances ``sim_time += plan.duration_s``.
 ``summarize_by_class(plans)`` -> per-device-class participation, time and bytes (JSON-ready).
 ``estimate_training_memory(model_cfg, mode, batch_size, seq_len, optimizer, dp)`` -> bytes.
+``estimate_inference_memory(model_cfg, seq_len, model_file_bytes, tokenizer_bytes)`` -> bytes the
+    exported student needs to classify one review (the edge search's RAM budget check).
 """
 
 from fedrnn.devices.availability import (
@@ -56,6 +58,7 @@ from fedrnn.devices.memory import (
     OPTIMIZER_STATE_SLOTS,
     MemoryDecision,
     adapt_to_memory,
+    estimate_inference_memory,
     estimate_training_memory,
     memory_breakdown,
 )
@@ -90,6 +93,7 @@ __all__ = [
     "RoundPlan",
     "TraceWindows",
     "adapt_to_memory",
+    "estimate_inference_memory",
     "estimate_training_memory",
     "load_trace",
     "make_availability",

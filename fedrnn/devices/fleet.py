@@ -1,17 +1,15 @@
 """A fleet: which device, network, memory, failure rate and availability each simulated client has.
 
 Built either from a mix of the published profiles (:meth:`Fleet.from_mix`, exact proportions,
-seeded) or from a per-client trace file (:meth:`Fleet.from_trace`). Stored column-wise so a
+seeded) or from a per-client trace file (:func:`fedrnn.devices.trace.load_trace`). Stored column-wise so a
 round's plan is vectorised over the selected clients.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,13 +111,6 @@ class Fleet:
             dropout_prob=np.array([PROFILES[p].dropout_prob for p in profiles]),
             availability=avail,
         )
-
-    @classmethod
-    def from_trace(cls, path: str | os.PathLike[str]) -> Fleet:
-        """Load a FedScale-like per-client trace (CSV or JSON; columns in :mod:`fedrnn.devices.trace`)."""
-        from fedrnn.devices.trace import load_trace  # the loader builds a Fleet, so it imports this module
-
-        return load_trace(Path(path))
 
     def available(self, sim_time: float) -> np.ndarray:
         """Ids of clients online at ``sim_time`` (seconds), ascending."""

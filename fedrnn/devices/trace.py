@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,9 @@ _REQUIRED = ("client_id", "down_bps", "up_bps", "latency_s", "active")
 _OPTIONAL = ("samples_per_s", "relative_speed", "period_s", "ram_bytes", "dropout_prob", "device_class")
 
 
-def load_trace(path: Path) -> Fleet:
+def load_trace(path: str | os.PathLike[str]) -> Fleet:
     """Parse and validate a trace file into a :class:`Fleet` (see the module docstring)."""
+    path = Path(path)
     if not path.is_file():
         raise DeviceError(f"trace file {path} does not exist")
     if path.suffix.lower() == ".csv":

@@ -24,6 +24,8 @@ from types import FrameType
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedrnn.federation.messages import CONFIG, Task
+
 
 class ClientDeadlineExceeded(TimeoutError):
     """The job ran past the server's round timeout."""
@@ -31,7 +33,8 @@ class ClientDeadlineExceeded(TimeoutError):
 
 def deadline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run ``call_next`` under an alarm of ``deadline-s`` seconds (from the message config)."""
-    seconds = float(msg.content["config"].get("deadline-s", 0)) if "config" in msg.content else 0.0
+    config = msg.content.config_records.get(CONFIG)
+    seconds = float(config.get(Task.key("deadline_s"), 0)) if config is not None else 0.0
     if seconds <= 0 or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         return call_next(msg, context)
 

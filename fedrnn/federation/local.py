@@ -19,6 +19,7 @@ from fedrnn.data.loaders import load_review_file
 from fedrnn.data.partitions import load_partitions, split_holdout
 from fedrnn.data.target import load_target
 from fedrnn.data.tokenizer import Encoded, encode
+from fedrnn.federation.messages import EvalReport, TrainReport
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, set_trainable
 from fedrnn.model.training import evaluate, train_steps
@@ -94,7 +95,11 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig,
     """Train the trainable tensors; returns the tensors ``names`` and the metrics a reply carries.
 
     FedProx's proximal term (mu/2 * ||w - w_global||^2) is added when ``proximal_mu`` > 0.
+    Trains on the GPU when this process sees one: a Ray worker does only when
+    ``[simulation] gpus_per_actor`` > 0 (Ray hides GPUs from workers that asked for none).
     """
+    if torch.cuda.is_available():
+        model.cuda()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -111,12 +116,15 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig,
     stats = train_steps(model, data, optimizer, cfg.batch_size, rng, max_steps=cfg.max_steps or None,
                         epochs=cfg.epochs, clip_norm=cfg.clip_norm, loss_fn=loss_fn)
     state = model.state_dict()
-    arrays = {n: state[n].numpy().astype(np.float32, copy=True) for n in names}
-    metrics = {"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds,
-               "steps": float(stats.steps), "samples": float(stats.examples)}
+    arrays = {n: state[n].cpu().numpy().astype(np.float32, copy=True) for n in names}
+    metrics = {TrainReport.key("train_loss"): stats.loss, TrainReport.key("train_accuracy"): stats.accuracy,
+               TrainReport.key("train_seconds"): stats.seconds, TrainReport.key("steps"): float(stats.steps),
+               TrainReport.key("samples"): float(stats.examples)}
     return arrays, metrics
 
 
 def local_evaluate(model: SentimentRNN, data: Encoded) -> dict[str, float]:
     m = evaluate(model, data)
-    return {"eval-loss": m["loss"], "eval-accuracy": m["accuracy"]} if not math.isnan(m["loss"]) else {}
+    if math.isnan(m["loss"]):
+        return {}
+    return {EvalReport.key("eval_loss"): m["loss"], EvalReport.key("eval_accuracy"): m["accuracy"]}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,29 +27,20 @@ from fedrnn.config import RunConfig
 from fedrnn.data.target import load_target
 from fedrnn.federation.evaluation import ServerEvaluator
 from fedrnn.federation.local import build_model, load_base
+from fedrnn.federation.messages import ARRAYS, CONFIG, METRICS, EvalReport, Task, TrainReport
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext, percentile
+from fedrnn.federation.prepare import RunFiles
+from fedrnn.federation.rundir import RunDir
 from fedrnn.federation.strategies import load_strategy_state, strategy_state
 from fedrnn.federation.wire import from_record, record_nbytes, to_record
 from fedrnn.model.rnn import SentimentRNN, trainable_names
-from fedrnn.runs.rundir import RunDir
 
-
-@dataclass(frozen=True)
-class Prepared:
-    """Files a run reads, prepared before the ServerApp starts."""
-
-    teacher_dir: str
-    target_path: str
-    partitions_path: str
-    run_dir: str
-
-
-class Codec(Protocol):
-    """Turns the global tensors into what actually travels to clients (e.g. int8 with scales)."""
-
-    def encode_down(self, arrays: dict[str, np.ndarray], rnd: int, message_type: str) -> dict[str, np.ndarray]: ...
+TRAIN_SECONDS, TRAIN_LOSS = TrainReport.key("train_seconds"), TrainReport.key("train_loss")
 
 
 class Placement(Protocol):
+    simulated: bool  # virtual clients on simulated nodes, or one real device per SuperNode
+
     def place(self, grid: Grid, clients: list[int]) -> list[int]: ...
 
     def candidates(self, grid: Grid, cfg: RunConfig) -> list[int]: ...
@@ -61,6 +51,8 @@ class VirtualClients:
 
     This is why 10,000 clients cost what 100 do: only sampled clients run, each on any node.
     """
+
+    simulated = True
 
     def __init__(self, wait_s: float = 120.0) -> None:
         self.wait_s = wait_s
@@ -81,6 +73,8 @@ class DeviceNodes:
     unanswered message counts as a failure and it drops out of selection once the SuperLink
     misses its heartbeats.
     """
+
+    simulated = False
 
     def __init__(self, min_nodes: int, wait_s: float = 120.0) -> None:
         self.min_nodes, self.wait_s = min_nodes, wait_s
@@ -119,8 +113,8 @@ class OneNodeGrid:
 
 def reported_accuracy(reply: Message) -> float | None:
     """A reply's ``eval-accuracy`` if it is a number in [0, 1]; anything else is not counted."""
-    metrics = reply.content.metric_records.get("metrics")
-    value = metrics.get("eval-accuracy") if metrics is not None else None
+    metrics = reply.content.metric_records.get(METRICS)
+    value = metrics.get(EvalReport.key("eval_accuracy")) if metrics is not None else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         return None
     return float(value)
@@ -136,62 +130,26 @@ def sample(rng: np.random.Generator, ids: list[int], k: int) -> list[int]:
     return sorted(int(ids[i]) for i in rng.choice(len(ids), size=k, replace=False)) if k else []
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-class RoundPlugin:
-    """A composable addition to the round loop; every hook defaults to doing nothing.
-
-    Device simulation, privacy accounting, update validation, compression and distillation
-    are plugins, so a run is the plain loop plus what its config switches on.
-    """
-
-    name = "plugin"
-
-    def setup(self, fed: Federation) -> None:
-        """Called once before the first round (after resume state is loaded)."""
-
-    def candidates(self, rnd: int, clients: list[int]) -> list[int]:
-        """Narrow who may be selected this round (e.g. only devices that are online)."""
-        return clients
-
-    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
-        """Per-client config overrides; ``None`` means the client's update will not arrive."""
-        return {}
-
-    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
-        """Inspect, account for or reject replies before aggregation."""
-        return replies, {}
-
-    def after_aggregate(self, rnd: int, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Work on the new global model (e.g. distil and ship a student); returns metrics."""
-        return {}
-
-    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """JSON-able state and arrays saved with each round, for resume."""
-        return {}, {}
-
-    def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Restore what ``state`` returned."""
-
-
 class Federation:
-    def __init__(self, cfg: RunConfig, prepared: Prepared, strategy: Strategy, placement: Placement | None = None,
+    """One run: the round loop over ``placement``'s clients, with ``plugins`` (see ``fedrnn.federation.plugin``)."""
+
+    def __init__(self, cfg: RunConfig, files: RunFiles, strategy: Strategy, placement: Placement | None = None,
                  plugins: list[RoundPlugin] | None = None, console: Console | None = None) -> None:
-        self.cfg, self.prepared, self.strategy = cfg, prepared, strategy
+        self.cfg, self.files = cfg, files
         self.placement = placement or VirtualClients()
         self.plugins = plugins or []
-        self.run_dir = RunDir(prepared.run_dir)
-        self.base = load_base(prepared.teacher_dir)
-        self.target = load_target(prepared.target_path)
+        for plugin in self.plugins:
+            strategy = plugin.wrap_strategy(strategy)
+        self.strategy = strategy
+        self.run_dir = RunDir(files.run_dir)
+        self.base = load_base(files.teacher_dir)
+        self.target = load_target(files.target_path)
         self.evaluator = ServerEvaluator(self.target, cfg.server.target_test_examples, cfg.run.seed)
         self.console = console or Console()
         self.on_round: list[Callable[[dict[str, Any]], None]] = []
-        # This round's global tensors and training messages (message id -> client), for reply validation.
-        self.current_arrays: dict[str, np.ndarray] = {}
-        self.sent: dict[str, int] = {}
-        self.codec: Codec | None = None  # set by a plugin's setup (fedrnn.plugins.compression); None = float32 as is
+        self.context = RunContext(cfg=cfg, files=files, base=self.base, target=self.target, evaluator=self.evaluator,
+                                  simulated=self.placement.simulated, global_model=self.global_model,
+                                  encode_down=self.encode_down, send=self.send)
 
     # ------------------------------------------------------------------ model
     def initial_arrays(self) -> dict[str, np.ndarray]:
@@ -207,40 +165,53 @@ class Federation:
         return build_model(self.base, arrays, self.cfg.run.mode)
 
     # ------------------------------------------------------------------ messages
-    def client_config(self, rnd: int, client: int) -> dict[str, Any]:
+    def task(self, rnd: int, client: int) -> Task:
         c = self.cfg.client
-        return {
-            "server-round": rnd, "client-id": client, "seed": self.cfg.run.seed, "mode": self.cfg.run.mode,
-            "lr": c.lr, "local-epochs": c.local_epochs, "batch-size": c.batch_size, "max-steps": c.max_steps,
-            "clip-norm": c.clip_norm, "holdout-fraction": c.holdout_fraction,
-            "threads": self.cfg.simulation.threads_per_actor, "deadline-s": c.deadline_s or self.cfg.server.timeout_s,
-            "teacher-path": self.prepared.teacher_dir, "target-path": self.prepared.target_path,
-            "partitions-path": self.prepared.partitions_path,
-        }
+        return Task(
+            server_round=rnd, client_id=client, seed=self.cfg.run.seed, mode=self.cfg.run.mode, lr=c.lr,
+            local_epochs=c.local_epochs, batch_size=c.batch_size, max_steps=c.max_steps, clip_norm=c.clip_norm,
+            holdout_fraction=c.holdout_fraction, threads=self.cfg.simulation.threads_per_actor,
+            deadline_s=c.deadline_s or self.cfg.server.timeout_s, teacher_path=self.files.teacher_dir,
+            target_path=self.files.target_path, partitions_path=self.files.partitions_path,
+        )
+
+    def encode_down(self, arrays: dict[str, np.ndarray], rnd: int, message_type: str) -> dict[str, np.ndarray]:
+        """What travels for the global tensors: each plugin's ``encode_down`` in turn (float32 if none encodes)."""
+        for plugin in self.plugins:
+            arrays = plugin.encode_down(arrays, rnd, message_type)
+        return arrays
 
     def messages(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], clients: list[int], message_type: str,
                  overrides: dict[int, dict[str, Any]] | None = None, encoded: bool = False) -> list[Message]:
         """One message per client; the strategy adds its own keys (e.g. FedProx's proximal-mu).
 
         The strategy always sees the float tensors (FedAdam keeps them as its reference); the
-        ``codec``, if any, decides what travels. ``encoded``: ``arrays`` already is a wire
-        payload (e.g. an int8 student), not global tensors for the codec.
+        plugins' ``encode_down`` decides what travels. ``encoded``: ``arrays`` already is a wire
+        payload (e.g. an int8 student), not global tensors to encode.
         """
         if not clients:
             return []
         nodes = self.placement.place(grid, clients)
         record = to_record(arrays)
-        wire = record if encoded or self.codec is None else to_record(self.codec.encode_down(arrays, rnd, message_type))
+        wire = record if encoded else to_record(self.encode_down(arrays, rnd, message_type))
         extra: dict[str, Any] = {}
         if message_type == MessageType.TRAIN:
             proto = list(self.strategy.configure_train(rnd, record, ConfigRecord(), OneNodeGrid(nodes[0])))
-            extra = dict(proto[0].content["config"]) if proto else {}
+            extra = dict(proto[0].content[CONFIG]) if proto else {}
         msgs = []
         for client, node in zip(clients, nodes, strict=True):
-            config = ConfigRecord({**extra, **self.client_config(rnd, client), **(overrides or {}).get(client, {})})
-            msgs.append(Message(RecordDict({"arrays": wire, "config": config}), dst_node_id=node,
+            config = ConfigRecord({**extra, **self.task(rnd, client).to_record(), **(overrides or {}).get(client, {})})
+            msgs.append(Message(RecordDict({ARRAYS: wire, CONFIG: config}), dst_node_id=node,
                                 message_type=message_type))
         return msgs
+
+    def send(self, grid: Grid, rnd: int, payload: dict[str, np.ndarray], clients: list[int], message_type: str,
+             overrides: dict[int, dict[str, Any]] | None = None, encoded: bool = False) -> list[Message]:
+        """Send one message per client and wait (bounded by ``server.timeout_s``); the replies without error."""
+        msgs = self.messages(grid, rnd, payload, clients, message_type, overrides, encoded)
+        if not msgs:
+            return []
+        return [r for r in grid.send_and_receive(msgs, timeout=self.cfg.server.timeout_s) if not r.has_error()]
 
     # ------------------------------------------------------------------ resume
     def _restore(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
@@ -281,7 +252,7 @@ class Federation:
         cfg = self.cfg
         start, arrays, totals = self._restore()
         for plugin in self.plugins:
-            plugin.setup(self)
+            plugin.setup(self.context)
         if start == 1:
             self.run_dir.append_metrics({"round": 0, **self.evaluator(self.global_model(arrays))})
         t_run = time.perf_counter()
@@ -298,7 +269,7 @@ class Federation:
     def round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         """One round; returns its metrics row (with the new global arrays under ``_arrays``)."""
         cfg, t0 = self.cfg, time.perf_counter()
-        self.current_arrays = arrays  # the global tensors this round's updates are measured against
+        info = RoundInfo(rnd, arrays)  # the global tensors this round's updates are measured against
         rng = np.random.default_rng([cfg.run.seed, rnd])
         candidates = self.placement.candidates(grid, cfg)
         for plugin in self.plugins:
@@ -307,37 +278,37 @@ class Federation:
         clients = sample(rng, candidates, k)
         overrides: dict[int, dict[str, Any]] = {c: {} for c in clients}
         for plugin in self.plugins:
-            for c, extra in plugin.configure(rnd, clients, rng).items():
+            for c, extra in plugin.configure(info, clients, rng).items():
                 if extra is None:
                     overrides.pop(c, None)
                 elif c in overrides:
                     overrides[c] |= extra
         running = sorted(overrides)
         msgs = self.messages(grid, rnd, arrays, running, MessageType.TRAIN, overrides)
-        bytes_down = sum(record_nbytes(m.content["arrays"]) for m in msgs)
+        bytes_down = sum(record_nbytes(m.content[ARRAYS]) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=cfg.server.timeout_s)) if msgs else []
         # A reply's client is the one its message was sent to, never what the reply claims to be.
-        self.sent = {m.metadata.message_id: c for m, c in zip(msgs, running, strict=True)}
+        info.sent = {m.metadata.message_id: c for m, c in zip(msgs, running, strict=True)}
         ok = sorted((r for r in replies if not r.has_error()),
-                    key=lambda r: self.sent.get(r.metadata.reply_to_message_id, -1))
+                    key=lambda r: info.sent.get(r.metadata.reply_to_message_id, -1))
         row: dict[str, Any] = {"round": rnd, "selected": clients, "clients": running, "failures": len(msgs) - len(ok),
                                "bytes_down": bytes_down,
                                # counted as received: plugins may decode (int8 -> float32) or reject replies
                                "bytes_up": sum(record_nbytes(a) for r in ok for a in r.content.array_records.values())}
         for plugin in self.plugins:
-            ok, extra = plugin.on_replies(rnd, ok)
+            ok, extra = plugin.on_replies(info, ok)
             row |= extra
         row |= {
             "trained": len(ok),
-            "client_train_seconds": sum(float(r.content["metrics"]["train-seconds"]) for r in ok),
-            "train_loss": float(np.mean([r.content["metrics"]["train-loss"] for r in ok])) if ok else None,
+            "client_train_seconds": sum(float(r.content[METRICS][TRAIN_SECONDS]) for r in ok),
+            "train_loss": float(np.mean([r.content[METRICS][TRAIN_LOSS] for r in ok])) if ok else None,
         }
         if ok:
             agg, _ = self.strategy.aggregate_train(rnd, ok)
             if agg is not None:
                 arrays = {k: v.astype(np.float32) for k, v in from_record(agg).items()}
         for plugin in self.plugins:
-            row |= plugin.after_aggregate(rnd, grid, arrays)
+            row |= plugin.after_aggregate(info, grid, arrays)
         if rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds:
             row |= self._federated_evaluation(grid, rnd, arrays, rng, running)
             row |= self.evaluator(self.global_model(arrays))
@@ -351,8 +322,7 @@ class Federation:
         if n == 0:
             return {}
         chosen = sample(rng, clients, n)
-        msgs = self.messages(grid, rnd, arrays, chosen, MessageType.EVALUATE)
-        replies = [r for r in grid.send_and_receive(msgs, timeout=self.cfg.server.timeout_s) if not r.has_error()]
-        accs = [a for r in replies if (a := reported_accuracy(r)) is not None]
+        accs = [a for r in self.send(grid, rnd, arrays, chosen, MessageType.EVALUATE)
+                if (a := reported_accuracy(r)) is not None]
         return {"fed_eval_clients": len(accs), "fed_eval_accuracy_mean": float(np.mean(accs)) if accs else None,
                 "fed_eval_accuracy_p10": percentile(accs, 10) if accs else None}

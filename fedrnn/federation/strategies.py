@@ -29,17 +29,11 @@ from fedrnn.config import RunConfig
 
 
 def make_strategy(cfg: RunConfig) -> Strategy:
-    """Build the configured Flower strategy."""
+    """Build the configured Flower strategy (plugins may wrap it, e.g. ``fedrnn.plugins.client_dp``)."""
     common = dict(
         fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1
     )
     name = cfg.run.strategy
-    if cfg.privacy.client_level != "off":  # Flower's DP wrapper around a uniform FedAvg/FedProx (see client_dp)
-        from fedrnn.plugins.client_dp import UNIFORM_WEIGHT, ClientLevelDP  # lazy: client_dp imports the round loop
-
-        uniform = {**common, "weighted_by_key": UNIFORM_WEIGHT}
-        inner = FedProx(**uniform, proximal_mu=cfg.client.proximal_mu) if name == "fedprox" else FedAvg(**uniform)
-        return ClientLevelDP(inner, cfg)
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedavgm":

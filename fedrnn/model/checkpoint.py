@@ -6,7 +6,6 @@ so a checkpoint from a stranger cannot run code. Every failure names the file an
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from fedrnn.data.tokenizer import TokenizerError, load_tokenizer, save_tokenizer
+from fedrnn.io import write_json
 from fedrnn.model.rnn import ModelConfig, SentimentRNN
 
 FORMAT = "fedrnn-checkpoint"
@@ -46,25 +46,6 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         return load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({e})") from e
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, p)
-
-
-def write_csv(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
-    """A study's result rows as CSV (columns from the first row), written atomically like ``write_json``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, p)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

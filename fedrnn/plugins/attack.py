@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message
 
-from fedrnn.config import ATTACKS, AttackSection, ConfigError
+from fedrnn.config import ATTACKS, AttackSection
 from fedrnn.data.tokenizer import Encoded
-from fedrnn.federation.loop import Federation, RoundPlugin
+from fedrnn.federation.messages import Attack
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext
 
 
 def malicious_clients(num_clients: int, k: int, seed: int) -> list[int]:
@@ -38,29 +39,30 @@ class AttackSimulation(RoundPlugin):
     def __init__(self, cfg: AttackSection) -> None:
         self.cfg = cfg
 
-    def setup(self, fed: Federation) -> None:
-        if self.cfg.clients > fed.cfg.run.clients:
-            raise ConfigError(f"attack.clients must be <= run.clients = {fed.cfg.run.clients}, got {self.cfg.clients}")
-        self.fed = fed
-        self.malicious = set(malicious_clients(fed.cfg.run.clients, self.cfg.clients, fed.cfg.run.seed))
+    def setup(self, ctx: RunContext) -> None:
+        run = ctx.cfg.run  # attack.clients <= run.clients is checked by the config
+        self.malicious = set(malicious_clients(run.clients, self.cfg.clients, run.seed))
         self.round_attackers: list[int] = []
 
-    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+    def configure(self, info: RoundInfo, clients: list[int],
+                  rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
         self.round_attackers = [c for c in clients if c in self.malicious]
-        return {c: {"attack": self.cfg.kind, "attack-scale": self.cfg.scale} for c in self.round_attackers}
+        return {c: Attack(attack=self.cfg.kind, attack_scale=self.cfg.scale).to_record() for c in self.round_attackers}
 
-    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+    def on_replies(self, info: RoundInfo, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
         # Called after the validator: how many selected attackers it let through to the aggregation rule.
-        through = {self.fed.sent.get(r.metadata.reply_to_message_id) for r in replies} & set(self.round_attackers)
+        through = {info.client_of(r) for r in replies} & set(self.round_attackers)
         return replies, {"attackers": len(self.round_attackers), "attackers_accepted": len(through)}
 
 
-def attack_of(cfg: ConfigRecord) -> str:
-    """The attack a client's message asks it to carry out ("" for an honest client)."""
-    kind = str(cfg.get("attack", ""))
-    if kind and kind not in ATTACKS:
-        raise ValueError(f"unknown attack {kind!r} in the message config; expected one of {ATTACKS}")
-    return kind
+def attack_of(cfg: ConfigRecord) -> Attack | None:
+    """The attack a client's message asks it to carry out (``None`` for an honest client)."""
+    if not Attack.present(cfg):
+        return None
+    attack = Attack.parse(cfg)
+    if attack.attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack.attack!r} in the message config; expected one of {ATTACKS}")
+    return attack
 
 
 def poison_data(data: Encoded, kind: str) -> Encoded:

@@ -51,11 +51,13 @@ from flwr.serverapp import (
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
     Strategy,
 )
 
 from fedrnn.config import ConfigError, RunConfig
-from fedrnn.federation.loop import Federation, RoundPlugin
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin
 
 UNIFORM_WEIGHT = "dp-uniform-weight"  # the weight key the inner FedAvg averages by: 1 per client
 
@@ -113,7 +115,7 @@ class _AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
 class ClientLevelDP(Strategy):
     """Flower's server-side clipping wrapper around a FedAvg/FedProx, with its releases accounted.
 
-    ``inner`` must average by ``UNIFORM_WEIGHT`` (``make_strategy`` builds it so); every
+    ``inner`` must average by ``UNIFORM_WEIGHT`` (``ClientLevelLedger.wrap_strategy`` sets it); every
     reply is given weight 1 here, and ``num_sampled_clients`` follows the replies averaged.
     """
 
@@ -200,24 +202,27 @@ class ClientLevelDP(Strategy):
 
 
 class ClientLevelLedger(RoundPlugin):
-    """Puts the client-level epsilon in every round's metrics, stops training at the budget, saves the accountant."""
+    """Wraps the strategy in :class:`ClientLevelDP`; puts the client-level epsilon in every round's metrics,
+    stops training at the budget and saves the accountant."""
 
     name = "client_dp"
 
-    def __init__(self) -> None:
-        self.pending: dict[str, Any] = {}
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
 
-    def setup(self, fed: Federation) -> None:
-        if not isinstance(fed.strategy, ClientLevelDP):
-            raise TypeError(f"privacy.client_level needs the strategy from make_strategy, got {type(fed.strategy)}")
-        self.dp = fed.strategy
-        if self.pending:
-            self.dp.load_state(self.pending)
+    def wrap_strategy(self, strategy: Strategy) -> Strategy:
+        """Flower's central-DP wrapper around a uniform FedAvg/FedProx (the noise is calibrated to a plain mean)."""
+        if not isinstance(strategy, FedAvg) or type(strategy) not in (FedAvg, FedProx):
+            raise ConfigError(f"privacy.client_level needs FedAvg or FedProx, got {type(strategy).__name__}")
+        strategy.weighted_by_key = UNIFORM_WEIGHT
+        self.dp = ClientLevelDP(strategy, self.cfg)
+        return self.dp
 
     def candidates(self, rnd: int, clients: list[int]) -> list[int]:
         return [] if self.dp.exhausted() else clients
 
-    def after_aggregate(self, rnd: int, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    def after_aggregate(self, info: RoundInfo, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        rnd = info.number
         eps = self.dp.epsilon()
         return {
             "dp_client_epsilon": eps, "dp_client_releases": self.dp.accountant.num_releases,
@@ -230,4 +235,4 @@ class ClientLevelLedger(RoundPlugin):
         return self.dp.state(), {}
 
     def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.pending = state  # the strategy is attached in setup, which runs after resume
+        self.dp.load_state(state)

@@ -38,7 +38,8 @@ from flwr.common.logger import log
 
 from fedrnn.config import CompressionSection
 from fedrnn.edge.quantize import SCALE_SUFFIX, ErrorFeedback, QuantizationError, decode, encode
-from fedrnn.federation.loop import Federation, RoundPlugin
+from fedrnn.federation.messages import ARRAYS, Task, Uplink
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext
 from fedrnn.federation.wire import from_record, record_nbytes, to_record
 
 CLIENT_STATE_DIR = "client_state"  # under the run directory: error-feedback residuals per virtual client
@@ -98,18 +99,21 @@ class ResidualStore:
             self.context.state[STATE_KEY] = to_record(arrays)
 
 
-def encode_uplink(cfg: ConfigRecord, trained: dict[str, np.ndarray], received: dict[str, np.ndarray],
+def encode_uplink(cfg: ConfigRecord, task: Task, trained: dict[str, np.ndarray], received: dict[str, np.ndarray],
                   context: Context, simulated: bool) -> dict[str, np.ndarray]:
     """What a client sends back: its trained tensors, or their int8 update if the server asked for it."""
-    if str(cfg.get("uplink", "float32")) != "int8":
+    if not Uplink.present(cfg):
         return trained
-    rnd, client = int(cfg["server-round"]), int(cfg.get("client-id", -1))
+    up = Uplink.parse(cfg)
+    if up.uplink != "int8":
+        raise ValueError(f"uplink {up.uplink!r} in the message config; only int8 is encoded")
+    rnd, client = task.server_round, task.client_id
     delta = {n: trained[n] - received[n] for n in trained}
-    stochastic = str(cfg.get("rounding", "nearest")) == "stochastic"
-    rng = np.random.default_rng([int(cfg["seed"]), rnd, max(client, 0), 8]) if stochastic else None
-    if not bool(cfg.get("error-feedback", False)):
+    stochastic = up.rounding == "stochastic"
+    rng = np.random.default_rng([task.seed, rnd, max(client, 0), 8]) if stochastic else None
+    if not up.error_feedback:
         return encode(delta, rng)
-    store = (ResidualStore(path=Path(str(cfg["client-state-dir"])) / f"{client}.npz") if simulated
+    store = (ResidualStore(path=Path(up.client_state_dir) / f"{client}.npz") if simulated
              else ResidualStore(context=context))
     before = store.load(rnd)
     feedback = ErrorFeedback(before)
@@ -122,7 +126,7 @@ def encode_uplink(cfg: ConfigRecord, trained: dict[str, np.ndarray], received: d
 
 
 class Int8Compression(RoundPlugin):
-    """Encodes the broadcast (as the Federation's codec) and decodes int8 updates before aggregation."""
+    """Encodes the broadcast (``encode_down``) and decodes int8 updates before aggregation."""
 
     name = "compression"
 
@@ -132,10 +136,8 @@ class Int8Compression(RoundPlugin):
         self.received: dict[str, np.ndarray] = {}  # what the clients decode from the broadcast
         self.payload_bytes = (0, 0)  # one client's broadcast on the wire, and as float32
 
-    def setup(self, fed: Federation) -> None:
-        self.fed = fed
-        self.state_dir = Path(fed.prepared.run_dir) / CLIENT_STATE_DIR
-        fed.codec = self
+    def setup(self, ctx: RunContext) -> None:
+        self.state_dir = Path(ctx.files.run_dir) / CLIENT_STATE_DIR
 
     def encode_down(self, arrays: dict[str, np.ndarray], rnd: int, message_type: str) -> dict[str, np.ndarray]:
         payload = encode(arrays) if self.cfg.downlink == "int8" else arrays
@@ -145,11 +147,12 @@ class Int8Compression(RoundPlugin):
             self.payload_bytes = (record_nbytes(to_record(payload)), record_nbytes(to_record(self.reference)))
         return payload
 
-    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+    def configure(self, info: RoundInfo, clients: list[int],
+                  rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
         if self.cfg.uplink != "int8":
             return {}
-        extra = {"uplink": "int8", "rounding": self.cfg.rounding, "error-feedback": self.cfg.error_feedback,
-                 "client-state-dir": str(self.state_dir)}
+        extra = Uplink(uplink="int8", rounding=self.cfg.rounding, error_feedback=self.cfg.error_feedback,
+                       client_state_dir=str(self.state_dir)).to_record()
         return {c: dict(extra) for c in clients}
 
     def decode_reply(self, record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -173,19 +176,18 @@ class Int8Compression(RoundPlugin):
             raise QuantizationError(f"{bad[0]}: decoded update is not finite")
         return out
 
-    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+    def on_replies(self, info: RoundInfo, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
         kept, rejected = [], []  # rejected: (client, reason)
         for reply in replies:
-            client = "unknown"
+            client = str(info.client_of(reply))
             try:
-                client = str(int(reply.content["metrics"]["client-id"]))
-                arrays = self.decode_reply(reply.content["arrays"])
+                arrays = self.decode_reply(reply.content[ARRAYS])
             except Exception as e:  # noqa: BLE001 - whatever a client sent, it costs its own slot, never the round
-                log(WARNING, "round %d: dropped the reply of client %s: %s", rnd, client, e)
+                log(WARNING, "round %d: dropped the reply of client %s: %s", info.number, client, e)
                 rejected.append((client, f"{type(e).__name__}: {e}"))
                 continue
-            content = {k: v for k, v in reply.content.items() if k != "arrays"}
-            reply.content = RecordDict({**content, "arrays": to_record(arrays)})
+            content = {k: v for k, v in reply.content.items() if k != ARRAYS}
+            reply.content = RecordDict({**content, ARRAYS: to_record(arrays)})
             kept.append(reply)
         down, down_fp32 = self.payload_bytes
         return kept, {"uplink_rejected": len(rejected), "uplink_rejected_reasons": dict(rejected),

@@ -31,13 +31,15 @@ from fedrnn.devices import (
     MemoryDecision,
     RoundPlan,
     adapt_to_memory,
+    load_trace,
     measure_host_throughput,
     plan_round,
     summarize_by_class,
 )
 from fedrnn.edge.quantize import encode
 from fedrnn.federation.local import build_model
-from fedrnn.federation.loop import Federation, RoundPlugin, VirtualClients
+from fedrnn.federation.messages import METRICS, Task, TrainReport
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext
 from fedrnn.federation.wire import record_nbytes, to_record
 from fedrnn.model.training import evaluate
 
@@ -70,34 +72,31 @@ class DeviceSimulation(RoundPlugin):
         self.payload = (0, 0)  # this round's bytes per client (down, up)
 
     # ------------------------------------------------------------------ setup
-    def setup(self, fed: Federation) -> None:
-        if not isinstance(fed.placement, VirtualClients):
+    def setup(self, ctx: RunContext) -> None:
+        if not ctx.simulated:
             raise ValueError("[devices] simulates a fleet of virtual clients; in deployment every SuperNode is a "
                              "real device, so set devices.enabled = false")
-        self.fed = fed
-        run, c = fed.cfg.run, fed.cfg.client
+        self.ctx = ctx
+        run, c = ctx.cfg.run, ctx.cfg.client
         if self.cfg.trace:
-            self.fleet = Fleet.from_trace(self.cfg.trace)
-            if len(self.fleet) != run.clients:
-                raise ValueError(f"devices.trace {self.cfg.trace} has {len(self.fleet)} clients but "
-                                 f"run.clients = {run.clients}")
+            self.fleet = load_trace(self.cfg.trace)  # checked against run.clients by prepare_run
         else:
             self.fleet = Fleet.from_mix(run.clients, self.cfg.mix, seed=run.seed,
                                         networks=self.cfg.network or self.cfg.network_mix or None,
                                         availability=self.cfg.availability or None)
         splits = [split_holdout(s, c.holdout_fraction, run.seed, i)
-                  for i, s in enumerate(load_partitions(fed.prepared.partitions_path))]
+                  for i, s in enumerate(load_partitions(ctx.files.partitions_path))]
         self.train_sizes = [len(train) for train, _ in splits]
-        self.dp = fed.cfg.privacy.record_level
+        self.dp = ctx.cfg.privacy.record_level
         # RAM budgets never change, so each client's fit is decided once; a batch of full-length
         # reviews (the teacher's max_len) is the peak a client can meet.
         decisions: dict[float, MemoryDecision] = {}
         self.memory = [decisions.setdefault(float(ram), adapt_to_memory(
-            fed.base.cfg, run.mode, c.batch_size, fed.base.max_len, float(ram), dp=self.dp,
+            ctx.base.cfg, run.mode, c.batch_size, ctx.base.max_len, float(ram), dp=self.dp,
             min_batch_size=self.cfg.min_batch_size)) for ram in self.fleet.ram_bytes]
         # Compute is timed at the mean review length of the target pool: batches are length-bucketed
         # and trimmed, so a typical sample costs a mean-length review.
-        self.seq_len = max(1, round(float(np.mean(fed.target.pool.lengths))))
+        self.seq_len = max(1, round(float(np.mean(ctx.target.pool.lengths))))
         for d in decisions.values():
             if d.status != "excluded":
                 self._host_throughput(d)
@@ -109,32 +108,31 @@ class DeviceSimulation(RoundPlugin):
             return self.cfg.host_samples_per_s
         key = f"{d.mode}/{d.batch_size}"
         if key not in self.host_sps:
-            model = build_model(self.fed.base, {}, d.mode, dp=self.dp)
+            model = build_model(self.ctx.base, {}, d.mode, dp=self.dp)
             self.host_sps[key] = measure_host_throughput(model, d.batch_size, self.seq_len, dp=self.dp)
         return self.host_sps[key]
 
     def _class_eval_sets(self, held: list[np.ndarray]) -> dict[str, Encoded]:
         """Each device class's users' held-out reviews (a fixed seeded subset if capped)."""
-        pool, cap, out = self.fed.target.pool, self.cfg.class_eval_examples, {}
+        pool, cap, out = self.ctx.target.pool, self.cfg.class_eval_examples, {}
         for i, cls in enumerate(sorted(set(self.fleet.device_class))):
             idx = np.concatenate([h for h, k in zip(held, self.fleet.device_class, strict=True) if k == cls])
             if cap and len(idx) > cap:
-                idx = np.sort(np.random.default_rng([self.fed.cfg.run.seed, 9, i]).choice(idx, cap, replace=False))
+                idx = np.sort(np.random.default_rng([self.ctx.cfg.run.seed, 9, i]).choice(idx, cap, replace=False))
             out[cls] = pool.subset(idx)
         return out
 
-    def _payload_bytes(self, rnd: int) -> tuple[int, int]:
+    def _payload_bytes(self, info: RoundInfo) -> tuple[int, int]:
         """Bytes of one client's download and upload: the records that really travel this round.
 
-        Down: what ``Federation.messages`` sends, through the federation's codec if one is set
-        (``fedrnn.plugins.compression`` encodes int8; encoding is deterministic, so this call yields the
-        same record). Up: the trained tensors, or their int8 update under ``compression.uplink``
-        (same names and shapes as the download, so the same int8 size whatever the values).
+        Down: what the round loop sends (``RunContext.encode_down``: ``fedrnn.plugins.compression``
+        encodes int8; encoding is deterministic, so this call yields the same record). Up: the trained
+        tensors, or their int8 update under ``compression.uplink`` (same names and shapes as the
+        download, so the same int8 size whatever the values).
         """
-        arrays = self.fed.current_arrays
-        codec = self.fed.codec
-        down = to_record(codec.encode_down(arrays, rnd, MessageType.TRAIN) if codec is not None else arrays)
-        up = to_record(encode(arrays) if self.fed.cfg.compression.uplink == "int8" else arrays)
+        arrays = info.arrays
+        down = to_record(self.ctx.encode_down(arrays, info.number, MessageType.TRAIN))
+        up = to_record(encode(arrays) if self.ctx.cfg.compression.uplink == "int8" else arrays)
         return record_nbytes(down), record_nbytes(up)
 
     # ------------------------------------------------------------------ round hooks
@@ -150,12 +148,13 @@ class DeviceSimulation(RoundPlugin):
         keep = set(online.tolist())
         return [c for c in clients if c in keep]
 
-    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
-        c = self.fed.cfg.client
+    def configure(self, info: RoundInfo, clients: list[int],
+                  rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+        c = self.ctx.cfg.client
         decisions = [self.memory[k] for k in clients]
         work = [local_work(self.train_sizes[k], c.local_epochs, d.batch_size, c.max_steps)
                 for k, d in zip(clients, decisions, strict=True)]
-        self.payload = self._payload_bytes(rnd)
+        self.payload = self._payload_bytes(info)
         self.plan = plan_round(
             self.fleet, clients, bytes_down=self.payload[0], bytes_up=self.payload[1],
             work_samples=[w for w, _ in work], local_steps=[s for _, s in work],
@@ -165,16 +164,15 @@ class DeviceSimulation(RoundPlugin):
             excluded_memory=[d.status == "excluded" for d in decisions],
         )
         self.sim_time += self.plan.duration_s
-        return {cp.client_id: {"max-steps": cp.steps, "batch-size": d.batch_size, "train-mode": d.mode}
+        return {cp.client_id: Task.overrides(max_steps=cp.steps, batch_size=d.batch_size, train_mode=d.mode)
                 if cp.status in REPORTED else None
                 for cp, d in zip(self.plan.clients, decisions, strict=True)}
 
-    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+    def on_replies(self, info: RoundInfo, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
         plan = self.plan
         if plan is None:
             raise RuntimeError("on_replies before configure: the round loop plans every round first")
-        trained = {self.fed.sent.get(r.metadata.reply_to_message_id, -1): int(r.content["metrics"]["steps"])
-                   for r in replies}
+        trained = {info.client_of(r): int(r.content[METRICS][TrainReport.key("steps")]) for r in replies}
         statuses = Counter(cp.status for cp in plan.clients)
         adapted = {str(cp.client_id): {"status": d.status, "mode": d.mode, "batch_size": d.batch_size}
                    for cp in plan.clients if (d := self.memory[cp.client_id]).status != "ok"}
@@ -199,12 +197,12 @@ class DeviceSimulation(RoundPlugin):
             else dict(self.host_sps),
         }
 
-    def after_aggregate(self, rnd: int, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    def after_aggregate(self, info: RoundInfo, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         """Accuracy of the new global model for each device class's users, on the server's eval rounds."""
-        cfg = self.fed.cfg
+        cfg, rnd = self.ctx.cfg, info.number
         if not self.class_eval or not (rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds):
             return {}
-        model = self.fed.global_model(arrays)
+        model = self.ctx.global_model(arrays)
         return {f"class_accuracy/{cls}": evaluate(model, data)["accuracy"] for cls, data in self.class_eval.items()}
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -35,16 +35,16 @@ from fedrnn.config import DistillSection
 from fedrnn.data.loaders import load_imdb
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.data.tokenizer import encode as encode_texts
-from fedrnn.edge.distill import distill, make_student
-from fedrnn.edge.export import STUDENT_SUBDIR
+from fedrnn.edge.distill import STUDENT_SUBDIR, distill, make_student
 from fedrnn.edge.quantize import decode, encode
 from fedrnn.federation.local import local_evaluate
-from fedrnn.federation.loop import Federation, RoundPlugin, percentile
+from fedrnn.federation.messages import ARRAYS, CONFIG, METRICS, EvalReport, Student, TrainReport
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext, percentile
+from fedrnn.federation.prepare import cache_dir
 from fedrnn.federation.wire import from_record, record_nbytes, to_record
 from fedrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
 from fedrnn.model.training import evaluate
-from fedrnn.runs.prepare import cache_dir
 
 TRANSFER_SEED = 13  # fixes which unlabelled reviews form a pool of a given size
 
@@ -84,14 +84,14 @@ def load_transfer(path: str | Path) -> Encoded:
 
 
 def is_student_message(msg: Message) -> bool:
-    return bool(msg.content["config"].get("student", 0))
+    return Student.present(msg.content[CONFIG]) and Student.parse(msg.content[CONFIG]).student
 
 
 def evaluate_student(content: RecordDict, held: Encoded) -> dict[str, float]:
     """On-device accuracy of a shipped int8 student; a malformed payload raises ``QuantizationError``."""
-    model = SentimentRNN(ModelConfig.from_dict(json.loads(str(content["config"]["student-model"]))))
+    model = SentimentRNN(ModelConfig.from_dict(json.loads(Student.parse(content[CONFIG]).student_model)))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    weights = decode(from_record(content["arrays"]), expected)
+    weights = decode(from_record(content[ARRAYS]), expected)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     return local_evaluate(model, held)
 
@@ -108,40 +108,41 @@ class StudentDistillation(RoundPlugin):
         self.round_clients: list[int] = []
         self.client_arrays: list[dict[str, np.ndarray]] = []
 
-    def setup(self, fed: Federation) -> None:
-        self.fed = fed
-        _, self.tokenizer, meta = load_checkpoint(fed.prepared.teacher_dir)
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        _, self.tokenizer, meta = load_checkpoint(ctx.files.teacher_dir)
         self.max_len = int(meta["max_len"])
         path = prepare_transfer(self.tokenizer, self.max_len, self.cfg.transfer_pool, cache_dir() / "transfer",
-                                fed.cfg.run.data_dir or None)
+                                ctx.cfg.run.data_dir or None)
         self.transfer = load_transfer(path)
-        self.student_dir = Path(fed.prepared.run_dir) / STUDENT_SUBDIR
+        self.student_dir = Path(ctx.files.run_dir) / STUDENT_SUBDIR
 
     def _due(self, rnd: int) -> bool:
-        return rnd % self.cfg.every_k_rounds == 0 or rnd == self.fed.cfg.run.rounds
+        return rnd % self.cfg.every_k_rounds == 0 or rnd == self.ctx.cfg.run.rounds
 
-    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
-        self.round_clients = [int(r.content["metrics"]["client-id"]) for r in replies]
+    def on_replies(self, info: RoundInfo, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+        self.round_clients = [int(r.content[METRICS][TrainReport.key("client_id")]) for r in replies]
         # FedDF's teachers; replies reach this plugin already decoded to float32 (see build_plugins' order)
-        self.client_arrays = ([from_record(r.content["arrays"]) for r in replies]
-                              if self.cfg.feddf and self._due(rnd) else [])
+        self.client_arrays = ([from_record(r.content[ARRAYS]) for r in replies]
+                              if self.cfg.feddf and self._due(info.number) else [])
         return replies, {}
 
     def _student(self) -> SentimentRNN:
         c = self.cfg
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.fed.cfg.run.seed)
-            student = make_student(self.fed.base.cfg, c.embed_dim, c.hidden_size, c.num_layers, c.cell)
+            torch.manual_seed(self.ctx.cfg.run.seed)
+            student = make_student(self.ctx.base.cfg, c.embed_dim, c.hidden_size, c.num_layers, c.cell)
         if self.student_state:
             student.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.student_state.items()})
         return student
 
-    def after_aggregate(self, rnd: int, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    def after_aggregate(self, info: RoundInfo, grid: Grid, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        rnd = info.number
         if not self._due(rnd):
             return {}
-        c, fed = self.cfg, self.fed
-        teachers = [fed.global_model(a) for a in self.client_arrays] or [fed.global_model(arrays)]
-        rng = np.random.default_rng([fed.cfg.run.seed, rnd, 31])
+        c, ctx = self.cfg, self.ctx
+        teachers = [ctx.global_model(a) for a in self.client_arrays] or [ctx.global_model(arrays)]
+        rng = np.random.default_rng([ctx.cfg.run.seed, rnd, 31])
         subset = self.transfer.subset(np.sort(rng.choice(len(self.transfer), c.transfer_examples, replace=False)))
         student = self._student()
         stats = distill(teachers, student, subset, c.steps, c.batch_size, c.temperature, c.lr, rng)
@@ -149,9 +150,9 @@ class StudentDistillation(RoundPlugin):
         payload = encode(self.student_state)
         shipped = SentimentRNN(student.cfg)
         shipped.load_state_dict({k: torch.from_numpy(v) for k, v in decode(payload).items()})
-        metrics: dict[str, Any] = {f"student_{k}": v for k, v in fed.evaluator(student).items()}
+        metrics: dict[str, Any] = {f"student_{k}": v for k, v in ctx.evaluator(student).items()}
         metrics |= {
-            "student_int8_target_accuracy": evaluate(shipped, fed.evaluator.test)["accuracy"],
+            "student_int8_target_accuracy": evaluate(shipped, ctx.evaluator.test)["accuracy"],
             "student_params": num_parameters(student),
             "student_int8_bytes": record_nbytes(to_record(payload)),
             "student_fp32_bytes": record_nbytes(to_record(self.student_state)),
@@ -160,7 +161,7 @@ class StudentDistillation(RoundPlugin):
             "student_distill_agreement": stats.agreement, "student_distill_seconds": stats.seconds,
         }
         save_checkpoint(self.student_dir, student, self.tokenizer, self.max_len,
-                        metrics={"round": rnd, "teacher": fed.prepared.teacher_dir, "distill": stats.to_dict(),
+                        metrics={"round": rnd, "teacher": ctx.files.teacher_dir, "distill": stats.to_dict(),
                                  **metrics})
         if c.ship:
             metrics |= self._ship(rnd, grid, payload, student.cfg)
@@ -168,14 +169,13 @@ class StudentDistillation(RoundPlugin):
 
     def _ship(self, rnd: int, grid: Grid, payload: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
         """Send the int8 student to the round's clients; their accuracy on their own held-out data."""
-        flag = {"student": 1, "student-model": json.dumps(cfg.to_dict())}
+        flag = Student(student=True, student_model=json.dumps(cfg.to_dict())).to_record()
         clients = self.round_clients
-        msgs = self.fed.messages(grid, rnd, payload, clients, MessageType.EVALUATE,
-                                 {k: flag for k in clients}, encoded=True)
-        replies = [r for r in grid.send_and_receive(msgs, timeout=self.fed.cfg.server.timeout_s) if not r.has_error()]
-        accs = [float(r.content["metrics"]["eval-accuracy"]) for r in replies
-                if "eval-accuracy" in r.content["metrics"]]
-        return {"student_bytes_shipped": sum(record_nbytes(m.content["arrays"]) for m in msgs),
+        replies = self.ctx.send(grid, rnd, payload, clients, MessageType.EVALUATE, {k: flag for k in clients},
+                                encoded=True)
+        acc_key = EvalReport.key("eval_accuracy")
+        accs = [float(r.content[METRICS][acc_key]) for r in replies if acc_key in r.content[METRICS]]
+        return {"student_bytes_shipped": record_nbytes(to_record(payload)) * len(clients),
                 "student_device_clients": len(accs),
                 "student_device_accuracy_mean": float(np.mean(accs)) if accs else None,
                 "student_device_accuracy_p10": percentile(accs, 10) if accs else None}

@@ -24,7 +24,8 @@ import numpy as np
 from flwr.app import ConfigRecord
 
 from fedrnn.config import FaultsSection
-from fedrnn.federation.loop import RoundPlugin
+from fedrnn.federation.messages import Fault, Task
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin
 
 
 class InjectedFault(RuntimeError):
@@ -39,20 +40,23 @@ class FaultInjection(RoundPlugin):
         self.kinds = {c: kind for kind, ids in (("raise", cfg.raise_clients), ("hang", cfg.hang_clients),
                                                 ("crash", cfg.crash_clients)) for c in ids}
 
-    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
-        if self.cfg.rounds and rnd not in self.cfg.rounds:
+    def configure(self, info: RoundInfo, clients: list[int],
+                  rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+        if self.cfg.rounds and info.number not in self.cfg.rounds:
             return {}
-        return {c: {"fault": self.kinds[c], "hang-s": self.cfg.hang_s} for c in clients if c in self.kinds}
+        return {c: Fault(fault=self.kinds[c], hang_s=self.cfg.hang_s).to_record() for c in clients if c in self.kinds}
 
 
 def inject_fault(cfg: ConfigRecord) -> None:
     """Fail as the message config says (no-op for a message without ``fault``)."""
-    kind = str(cfg.get("fault", ""))
-    if kind == "raise":
-        raise InjectedFault(f"injected fault: client {cfg.get('client-id')} raised mid-training")
-    if kind == "hang":
-        time.sleep(float(cfg["hang-s"]))
-    elif kind == "crash":
+    if not Fault.present(cfg):
+        return
+    fault = Fault.parse(cfg)
+    if fault.fault == "raise":
+        raise InjectedFault(f"injected fault: client {cfg.get(Task.key('client_id'))} raised mid-training")
+    if fault.fault == "hang":
+        time.sleep(fault.hang_s)
+    elif fault.fault == "crash":
         os._exit(1)  # no cleanup, no reply: the process is simply gone
-    elif kind:
-        raise ValueError(f"unknown fault {kind!r} in the message config; expected raise, hang or crash")
+    else:
+        raise ValueError(f"unknown fault {fault.fault!r} in the message config; expected raise, hang or crash")

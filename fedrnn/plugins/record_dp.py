@@ -12,8 +12,8 @@ whole state (a ``PrivacyState``: noise multiplier, clip norm, delta, budget and 
 history ``[(sigma, sampling rate, steps), ...]``) travels with the work:
 
 * simulation: the server's ``PrivacyLedger`` keeps every virtual client's state, sends it
-  in the client's config (``dp-state-*`` keys), and stores the updated state each reply
-  carries (a ``ConfigRecord`` named ``privacy``). The ledger is a round plugin, so the
+  in the client's config (``messages.RecordDP.dp_state_json``), and stores the updated state
+  each reply carries (a ``ConfigRecord`` named ``privacy``). The ledger is a round plugin, so the
   states are saved with every round and restored by ``--resume``.
 * real devices (``node_config`` has ``data-path``): the device keeps its own state in
   ``<state-dir>/privacy-<hash of data-path>.json`` (node config ``state-dir``, default
@@ -46,30 +46,27 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 
-from fedrnn.config import PrivacySection, RunConfig
+from fedrnn.config import PrivacySection
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.federation.local import LocalTrainConfig
-from fedrnn.federation.loop import Federation, RoundPlugin, percentile
+from fedrnn.federation.messages import METRICS, REPLY_PRIVACY, RecordDP, RecordDPReport, Task, TrainReport
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext, percentile
 from fedrnn.federation.wire import state_to_arrays
-from fedrnn.model.checkpoint import write_json
+from fedrnn.io import write_json
 from fedrnn.model.rnn import SentimentRNN
-from fedrnn.plugins.client_dp import ClientLevelLedger
-from fedrnn.privacy.dp_sgd import TRAINED, PrivacyState, epsilon, new_privacy_state, planned_steps, train_dp
+from fedrnn.privacy.accounting import PrivacyState, epsilon, new_privacy_state, planned_steps
+from fedrnn.privacy.dp_sgd import TRAINED, train_dp
 
-STATE_PREFIX = "dp-state-"  # config keys carrying the client's PrivacyState to it
-REPLY_RECORD = "privacy"  # the ConfigRecord carrying it back
 DEFAULT_STATE_DIR = "~/.fedrnn"
 
 
 def record_dp_config(p: PrivacySection, planned_rounds: int, state: PrivacyState | None) -> dict[str, Any]:
-    """Config keys that switch a client to DP-SGD, with its state so far (none before its first round)."""
-    cfg: dict[str, Any] = {
-        "dp-record": True, "dp-noise-multiplier": p.noise_multiplier, "dp-target-epsilon": p.target_epsilon,
-        "dp-max-grad-norm": p.max_grad_norm, "dp-delta": p.delta, "dp-planned-rounds": planned_rounds,
-    }
-    if state is not None:
-        cfg |= {STATE_PREFIX + k: v for k, v in state.to_dict().items()}
-    return cfg
+    """Message keys that switch a client to DP-SGD, with its state so far (none before its first round)."""
+    return RecordDP(
+        dp_record=True, dp_noise_multiplier=p.noise_multiplier, dp_target_epsilon=p.target_epsilon,
+        dp_max_grad_norm=p.max_grad_norm, dp_delta=p.delta, dp_planned_rounds=planned_rounds,
+        dp_state_json=state.to_json() if state is not None else "",
+    ).to_record()
 
 
 # ---------------------------------------------------------------------------- client side
@@ -82,27 +79,25 @@ def device_state_file(node_config: Any) -> Path | None:
     return root / f"privacy-{hashlib.sha256(str(data).encode()).hexdigest()[:16]}.json"
 
 
-def _client_state(cfg: ConfigRecord, state_file: Path | None, n: int, batch_size: int, steps: int) -> PrivacyState:
+def _client_state(dp: RecordDP, state_file: Path | None, n: int, batch_size: int, steps: int) -> PrivacyState:
     """The device's own file, else the state the server sent, else a new one (calibrated if asked)."""
     if state_file is not None and state_file.is_file():
         try:
             return PrivacyState.from_json(state_file.read_text())
         except ValueError as e:
             raise ValueError(f"{state_file}: {e}") from None
-    sent = {k[len(STATE_PREFIX):]: v for k, v in cfg.items() if k.startswith(STATE_PREFIX)}
-    if sent:
-        return PrivacyState.from_dict(sent)
+    if dp.dp_state_json:
+        return PrivacyState.from_json(dp.dp_state_json)
     return new_privacy_state(
-        num_examples=n, batch_size=batch_size, max_grad_norm=float(cfg["dp-max-grad-norm"]),
-        delta=float(cfg["dp-delta"]), noise_multiplier=float(cfg["dp-noise-multiplier"]) or None,
-        target_epsilon=float(cfg["dp-target-epsilon"]) or None, expected_rounds=int(cfg["dp-planned-rounds"]),
-        steps=steps,
+        num_examples=n, batch_size=batch_size, max_grad_norm=dp.dp_max_grad_norm, delta=dp.dp_delta,
+        noise_multiplier=dp.dp_noise_multiplier or None, target_epsilon=dp.dp_target_epsilon or None,
+        expected_rounds=dp.dp_planned_rounds, steps=steps,
     )
 
 
 def record_dp_train(model: SentimentRNN, data: Encoded, local: LocalTrainConfig, names: list[str],
-                    cfg: ConfigRecord, node_config: Any) -> tuple[dict[str, np.ndarray], dict[str, float],
-                                                               dict[str, ConfigRecord]]:
+                    task: Task, dp: RecordDP, node_config: Any) -> tuple[dict[str, np.ndarray], dict[str, float],
+                                                                         dict[str, ConfigRecord]]:
     """One round of DP-SGD in place of ``local_train``: (arrays, metrics, extra reply records).
 
     Same step count as non-private training (``local.epochs`` expected passes, capped by
@@ -112,9 +107,9 @@ def record_dp_train(model: SentimentRNN, data: Encoded, local: LocalTrainConfig,
     n, b = len(data), local.batch_size
     steps = planned_steps(n, b, epochs=local.epochs)
     steps = min(steps, local.max_steps) if local.max_steps else steps
-    state = _client_state(cfg, state_file, n, b, steps)
+    state = _client_state(dp, state_file, n, b, steps)
     torch.manual_seed(local.seed)  # dropout draws from torch's global generator; a worker serves many clients
-    new, stats = train_dp(model, data, state, mode=str(cfg.get("train-mode", cfg["mode"])), batch_size=b,
+    new, stats = train_dp(model, data, state, mode=task.trains, batch_size=b,
                           lr=local.lr, rng=np.random.default_rng(local.seed), steps=steps,
                           proximal_mu=local.proximal_mu)
     if state_file is not None:  # spent before the update leaves the device
@@ -124,12 +119,13 @@ def record_dp_train(model: SentimentRNN, data: Encoded, local: LocalTrainConfig,
     next_round = replace(new, history=[*new.history, (new.noise_multiplier, stats.sample_rate, steps)])
     exhausted = not trained or (new.target_epsilon is not None and epsilon(next_round) > new.target_epsilon)
     metrics = {
-        "train-loss": stats.loss if trained else 0.0, "train-accuracy": stats.accuracy if trained else 0.0,
-        "train-seconds": stats.seconds, "steps": float(stats.steps), "samples": float(stats.examples),
-        "dp-epsilon": stats.epsilon, "dp-noise-multiplier": stats.noise_multiplier,
-        "dp-trained": float(trained), "dp-exhausted": float(exhausted),
-    }
-    return state_to_arrays(model.state_dict(), names), metrics, {REPLY_RECORD: ConfigRecord(new.to_dict())}
+        TrainReport.key("train_loss"): stats.loss if trained else 0.0,
+        TrainReport.key("train_accuracy"): stats.accuracy if trained else 0.0,
+        TrainReport.key("train_seconds"): stats.seconds, TrainReport.key("steps"): float(stats.steps),
+        TrainReport.key("samples"): float(stats.examples),
+    } | RecordDPReport(dp_epsilon=stats.epsilon, dp_noise_multiplier=stats.noise_multiplier,
+                       dp_trained=float(trained), dp_exhausted=float(exhausted)).to_record()
+    return state_to_arrays(model.state_dict(), names), metrics, {REPLY_PRIVACY: ConfigRecord(new.to_dict())}
 
 
 # ---------------------------------------------------------------------------- server side
@@ -144,40 +140,40 @@ class PrivacyLedger(RoundPlugin):
         self.eps: dict[int, float] = {}
         self.exhausted: set[int] = set()
 
-    def setup(self, fed: Federation) -> None:
-        self.fed = fed
-        run = fed.cfg.run
+    def setup(self, ctx: RunContext) -> None:
+        run = ctx.cfg.run
         self.planned_rounds = self.cfg.planned_rounds or math.ceil(run.rounds * run.clients_per_round / run.clients)
 
     def candidates(self, rnd: int, clients: list[int]) -> list[int]:
         return [c for c in clients if c not in self.exhausted]
 
-    def configure(self, rnd: int, clients: list[int], rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
+    def configure(self, info: RoundInfo, clients: list[int],
+                  rng: np.random.Generator) -> dict[int, dict[str, Any] | None]:
         return {c: record_dp_config(self.cfg, self.planned_rounds, self.states.get(c)) for c in clients}
 
     def _record(self, client: int, state: PrivacyState, eps: float) -> float:
         self.states[client], self.eps[client] = state, eps
         return eps
 
-    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+    def on_replies(self, info: RoundInfo, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
         kept: list[Message] = []
         round_eps: dict[str, float] = {}
         skipped = unaccounted = 0
         for reply in replies:
-            client = self.fed.sent.get(reply.metadata.reply_to_message_id)
+            client = info.client_of(reply)
             try:
                 if client is None:
                     raise ValueError("reply to no training message sent this round")
-                if REPLY_RECORD not in reply.content.config_records:
-                    raise ValueError(f"no {REPLY_RECORD!r} record: the client did not run DP-SGD")
-                state = PrivacyState.from_dict(reply.content.config_records[REPLY_RECORD])
-                metrics = reply.content["metrics"]
-                trained, exhausted = bool(metrics["dp-trained"]), bool(metrics["dp-exhausted"])
-                eps = float(metrics["dp-epsilon"])  # the client ran the same accountant on this same history
+                if REPLY_PRIVACY not in reply.content.config_records:
+                    raise ValueError(f"no {REPLY_PRIVACY!r} record: the client did not run DP-SGD")
+                state = PrivacyState.from_dict(reply.content.config_records[REPLY_PRIVACY])
+                report = RecordDPReport.parse(reply.content[METRICS])
+                trained, exhausted = bool(report.dp_trained), bool(report.dp_exhausted)
+                eps = report.dp_epsilon  # the client ran the same accountant on this same history
                 if not (math.isfinite(eps) and eps >= 0):
                     raise ValueError(f"dp-epsilon {eps} is not a finite number >= 0")
             except (KeyError, TypeError, ValueError) as e:
-                log(WARNING, "round %d: dropped an unaccounted reply of client %s: %s", rnd, client, e)
+                log(WARNING, "round %d: dropped an unaccounted reply of client %s: %s", info.number, client, e)
                 unaccounted += 1
                 continue
             round_eps[str(client)] = self._record(client, state, eps)
@@ -214,13 +210,3 @@ class PrivacyLedger(RoundPlugin):
             s = PrivacyState.from_dict(d)
             self._record(int(c), s, float(spent[c]) if c in spent else epsilon(s))
         self.exhausted = {int(c) for c in state.get("exhausted", [])}
-
-
-def privacy_plugins(cfg: RunConfig) -> list[RoundPlugin]:
-    """The ``[privacy]`` section's round plugins (record-level ledger, client-level accounting)."""
-    plugins: list[RoundPlugin] = []
-    if cfg.privacy.record_level:
-        plugins.append(PrivacyLedger(cfg.privacy))
-    if cfg.privacy.client_level != "off":
-        plugins.append(ClientLevelLedger())
-    return plugins

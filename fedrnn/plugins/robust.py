@@ -27,10 +27,12 @@ from flwr.common.logger import log
 
 from fedrnn.config import RobustSection
 from fedrnn.data.partitions import load_partitions, split_holdout
-from fedrnn.federation.loop import Federation, RoundPlugin, VirtualClients
+from fedrnn.federation.messages import ARRAYS, METRICS, TrainReport
+from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext
 
 # Metrics the round loop reads from every reply; they must be present and finite.
-REQUIRED_METRICS = ("num-examples", "client-id", "train-loss", "train-seconds")
+REQUIRED_METRICS = tuple(TrainReport.key(k) for k in ("num_examples", "client_id", "train_loss", "train_seconds"))
+NUM_EXAMPLES, CLIENT_ID = TrainReport.key("num_examples"), TrainReport.key("client_id")
 
 
 class ReplyRejected(ValueError):
@@ -61,23 +63,22 @@ def _number(metrics: Any, key: str) -> float:
 def check_reply(content: RecordDict, expected: Expected) -> float:
     """Validate one reply's content; returns its update norm or raises ``ReplyRejected``."""
     arrays_keys, metric_keys = list(content.array_records.keys()), list(content.metric_records.keys())
-    if arrays_keys != ["arrays"] or metric_keys != ["metrics"]:
+    if arrays_keys != [ARRAYS] or metric_keys != [METRICS]:
         raise ReplyRejected(f"records: expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', "
                             f"got ArrayRecords {arrays_keys} and MetricRecords {metric_keys}")
-    metrics = content["metrics"]
+    metrics = content[METRICS]
     for key in REQUIRED_METRICS:
         _number(metrics, key)
     for key in metrics:
         _number(metrics, key)  # strategies average every metric: lists and NaNs would poison the round's
-    _number(metrics, "client-id")
-    client = metrics["client-id"]  # compared as sent: SuperNode ids are uint64, beyond a float's 53 bits
+    client = metrics[CLIENT_ID]  # compared as sent: SuperNode ids are uint64, beyond a float's 53 bits
     if client != expected.client:
         raise ReplyRejected(f"metrics: client-id {client} but the message was sent to client {expected.client}")
-    n = _number(metrics, "num-examples")
+    n = _number(metrics, NUM_EXAMPLES)
     if n != int(n) or not 1 <= n <= expected.max_examples:
         raise ReplyRejected(f"metrics: num-examples {n:g} is not an integer in [1, {expected.max_examples}] "
                             f"(the client's training examples)")
-    record = content["arrays"]
+    record = content[ARRAYS]
     names, want = set(record.keys()), set(expected.arrays)
     if names != want:
         raise ReplyRejected(f"arrays: missing {sorted(want - names)}, unexpected {sorted(names - want)}")
@@ -114,40 +115,39 @@ class ReplyValidator(RoundPlugin):
     def __init__(self, cfg: RobustSection) -> None:
         self.cfg = cfg
 
-    def setup(self, fed: Federation) -> None:
-        self.fed = fed
-        if isinstance(fed.placement, VirtualClients):
+    def setup(self, ctx: RunContext) -> None:
+        if ctx.simulated:
             # A simulated client trains on its shard minus the held-out part: that is its num-examples.
-            c = fed.cfg.client
-            shards = load_partitions(fed.prepared.partitions_path)
-            self.max_examples = {k: len(split_holdout(s, c.holdout_fraction, fed.cfg.run.seed, k)[0])
+            c = ctx.cfg.client
+            shards = load_partitions(ctx.files.partitions_path)
+            self.max_examples = {k: len(split_holdout(s, c.holdout_fraction, ctx.cfg.run.seed, k)[0])
                                  for k, s in enumerate(shards)}
         else:
             self.max_examples = {}  # real devices: their data is their own; only the configured cap applies
 
-    def _expected(self, client: int) -> Expected:
-        return Expected(self.fed.current_arrays, client, self.max_examples.get(client, self.cfg.max_num_examples),
+    def _expected(self, info: RoundInfo, client: int) -> Expected:
+        return Expected(info.arrays, client, self.max_examples.get(client, self.cfg.max_num_examples),
                         self.cfg.max_update_norm)
 
-    def on_replies(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
+    def on_replies(self, info: RoundInfo, replies: list[Message]) -> tuple[list[Message], dict[str, Any]]:
         rejected: list[tuple[str, str]] = []  # (client, reason)
         accepted: list[tuple[int, Message, float]] = []
         for reply in replies:
-            client = self.fed.sent.get(reply.metadata.reply_to_message_id)
+            client = info.client_of(reply)
             try:
                 if client is None:
                     raise ReplyRejected("reply to no training message sent this round")
                 if any(c == client for c, _, _ in accepted):
                     raise ReplyRejected("second reply for the same client")
-                accepted.append((client, reply, check_reply(reply.content, self._expected(client))))
+                accepted.append((client, reply, check_reply(reply.content, self._expected(info, client))))
             except ReplyRejected as e:
                 rejected.append(("unknown" if client is None else str(client), str(e)))
         # Flower's strategies need every reply to carry the same metric keys: keep the majority's.
-        keysets = Counter(frozenset(r.content["metrics"].keys()) for _, r, _ in accepted)
+        keysets = Counter(frozenset(r.content[METRICS].keys()) for _, r, _ in accepted)
         if len(keysets) > 1:
             usual = max(keysets, key=lambda k: (keysets[k], sorted(k)))
-            odd = {c: r for c, r, _ in accepted if frozenset(r.content["metrics"].keys()) != usual}
-            rejected += [(str(c), f"metrics: keys {sorted(set(r.content['metrics'].keys()) ^ usual)} differ from "
+            odd = {c: r for c, r, _ in accepted if frozenset(r.content[METRICS].keys()) != usual}
+            rejected += [(str(c), f"metrics: keys {sorted(set(r.content[METRICS].keys()) ^ usual)} differ from "
                                   f"the other replies'") for c, r in odd.items()]
             accepted = [a for a in accepted if a[0] not in odd]
         if self.cfg.max_norm_ratio and accepted:
@@ -158,7 +158,7 @@ class ReplyValidator(RoundPlugin):
                                   f" x the round's median {median:.4g}") for c, norm in big.items()]
             accepted = [a for a in accepted if a[0] not in big]
         for client, reason in rejected:
-            log(WARNING, "round %d: rejected the reply of client %s: %s", rnd, client, reason)
+            log(WARNING, "round %d: rejected the reply of client %s: %s", info.number, client, reason)
         norms = [norm for _, _, norm in accepted]
         return [r for _, r, _ in accepted], {
             "rejected": len(rejected), "rejected_reasons": dict(rejected),
