@@ -32,7 +32,7 @@ from fedrnn.data.reviews import clean_text  # noqa: E402
 from fedrnn.edge.explain import explain, segment  # noqa: E402
 from fedrnn.edge.predict import Predictor  # noqa: E402
 from fedrnn.explain.samples import imdb_test_sample  # noqa: E402
-from fedrnn.model.checkpoint import write_json  # noqa: E402
+from fedrnn.io import write_json  # noqa: E402
 
 TARGET_MS = 50.0
 

@@ -28,14 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedrnn.runs.prepare import cache_dir  # noqa: E402
-
 from fedrnn.edge.explain import segment  # noqa: E402
 from fedrnn.explain.attribution import IG_STEPS, METHODS, TorchModel, load_model, random_scores  # noqa: E402
 from fedrnn.explain.compare import TOP, agreement  # noqa: E402
 from fedrnn.explain.faithfulness import FRACTIONS, aopc, curves  # noqa: E402
 from fedrnn.explain.samples import amazon_test_sample, imdb_test_sample  # noqa: E402
-from fedrnn.model.checkpoint import write_csv, write_json  # noqa: E402
+from fedrnn.federation.prepare import cache_dir  # noqa: E402
+from fedrnn.io import write_csv, write_json  # noqa: E402
 from fedrnn.runs.plots import plt  # noqa: E402  (Agg backend already chosen)
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -43,8 +43,6 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedrnn.runs.prepare import cache_dir  # noqa: E402
-
 from fedrnn.data.loaders import AMAZON_CATEGORIES  # noqa: E402
 from fedrnn.data.reviews import Reviews  # noqa: E402
 from fedrnn.edge.explain import ProbFn, Segmented, explain, occlusion, segment, to_html, to_rich  # noqa: E402
@@ -52,7 +50,8 @@ from fedrnn.edge.predict import Predictor  # noqa: E402
 from fedrnn.explain.attribution import load_model  # noqa: E402
 from fedrnn.explain.compare import TOP, agreement  # noqa: E402
 from fedrnn.explain.samples import amazon_test_sample, imdb_test_sample  # noqa: E402
-from fedrnn.model.checkpoint import write_csv, write_json  # noqa: E402
+from fedrnn.federation.prepare import cache_dir  # noqa: E402
+from fedrnn.io import write_csv, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POSITIVE = 1

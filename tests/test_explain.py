@@ -21,7 +21,8 @@ from fedrnn.explain.attribution import TorchModel, integrated_gradients, load_mo
 from fedrnn.explain.attribution import occlusion as captum_occlusion
 from fedrnn.explain.compare import agreement
 from fedrnn.explain.faithfulness import FRACTIONS, aopc, counts, curves
-from fedrnn.model.checkpoint import CheckpointError, load_checkpoint, write_json
+from fedrnn.io import write_json
+from fedrnn.model.checkpoint import CheckpointError, load_checkpoint
 
 REVIEW = "A gripping, beautifully shot film. The acting was wonderful but the plot was dull and boring at times."
 

@@ -72,7 +72,7 @@ def load_model(path: str | os.PathLike[str]) -> TorchModel:
     if not rounds:
         raise CheckpointError(f"{p}: not a checkpoint (no {CONFIG} with {WEIGHTS}) nor a run directory "
                               f"(no checkpoints/round_NNN.safetensors)")
-    from fedrnn.runs.prepare import cache_dir  # only here: it imports the round loop and Flower
+    from fedrnn.federation.prepare import cache_dir  # only here: it imports the round loop and Flower
 
     run_cfg = read_json(p / CONFIG)
     teacher = (run_cfg.get("run", {}) if isinstance(run_cfg, dict) else {}).get("teacher") or cache_dir() / "teacher"
