@@ -154,7 +154,8 @@ def main() -> None:
         sys.exit(check.stderr.strip())
     (PI_ROOT / "tmp").mkdir(exist_ok=True)
     result: dict = {"load_average_start": os.getloadavg(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "torch_wheel": os.environ.get("FEDRNN_PI_TORCH", "2.10.0"),
+                    "torch_wheel": sorted(d.name for d in PI_ROOT.glob("home/pi/fedrnn-venv/lib/*/site-packages/torch-*"
+                                                                        ".dist-info")),
                     "tolerances": {"loss": LOSS_TOL, "logit": LOGIT_TOL, "probability": PROB_TOL}}
     with tempfile.TemporaryDirectory(dir=PI_ROOT / "tmp", prefix="fedrnn-compat-") as tmp:
         export, texts = prepare(Path(tmp), data_dir)

@@ -15,7 +15,7 @@
 #
 # Settings (environment):
 #   FEDRNN_PI_ROOT   /work/pi-rootfs/bookworm   the userland (outside the repository; ~1.5 GB)
-#   FEDRNN_PI_TORCH  2.10.0                     the torch wheel the guide installs (clients/README.md)
+#   FEDRNN_PI_TORCH  2.9.1                      the torch wheel the guide installs (clients/README.md)
 #   FEDRNN_PI_TORCH_DIR  (unset)                a userland directory with another torch, put first on
 #                                               PYTHONPATH (e.g. /opt/torch-2.9.1, unpacked by compat.py --alt-torch)
 # `supernode` passes SUPERLINK, CA, KEY, NODE_CONFIG, RUNTIME_PORT, FEDRNN_*, FLWR_* and
@@ -26,7 +26,7 @@
 set -euo pipefail
 
 ROOT=${FEDRNN_PI_ROOT:-/work/pi-rootfs/bookworm}
-TORCH=${FEDRNN_PI_TORCH:-2.10.0}
+TORCH=${FEDRNN_PI_TORCH:-2.9.1}
 SUITE=bookworm  # Python 3.11, as Raspberry Pi OS Bookworm
 MIRROR=${FEDRNN_PI_MIRROR:-http://deb.debian.org/debian}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
