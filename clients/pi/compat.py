@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,12 +69,29 @@ def prepare(work: Path, data_dir: str) -> tuple[Path, Path]:
     return export, texts
 
 
-def probe(cmd_prefix: list[str], export: str, texts: str) -> dict:
-    r = subprocess.run([*cmd_prefix, "clients/pi/probe.py", "--export", export, "--texts-file", texts],
-                       cwd=REPO, capture_output=True, text=True, timeout=4 * 3600)
+ALL_CHECKS = "import_torch,train_step,onnx_int8,predict"
+
+
+def probe(cmd_prefix: list[str], export: str, texts: str, checks: str = ALL_CHECKS) -> dict:
+    r = subprocess.run([*cmd_prefix, "clients/pi/probe.py", "--export", export, "--texts-file", texts,
+                        "--checks", checks], cwd=REPO, capture_output=True, text=True, timeout=4 * 3600)
     if r.returncode != 0:
         return {"probe_failed": f"exit code {r.returncode}", "stderr_tail": r.stderr[-3000:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def alt_torch(version: str) -> Path:
+    """PyPI's aarch64 wheel of torch ``version``, unpacked in the userland (``PYTHONPATH`` puts it first)."""
+    target = PI_ROOT / "opt" / f"torch-{version}"
+    if not (target / "torch" / "__init__.py").is_file():
+        with tempfile.TemporaryDirectory() as d:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--platform",
+                            "manylinux_2_28_aarch64", "--python-version", "3.11", "--only-binary=:all:", "-d", d,
+                            f"torch=={version}"], check=True, timeout=1800)
+            (wheel,) = Path(d).glob("torch-*.whl")
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(target)
+    return target
 
 
 def compare(got: dict, ref: dict) -> dict:
@@ -96,7 +114,8 @@ def compare(got: dict, ref: dict) -> dict:
     if i.get("ok"):
         out["import_torch"] = {"ok": not i["cuda_build"], "torch": i["torch"], "cuda_build": i["cuda_build"]}
     for name in ("import_torch", "train_step", "onnx_int8", "predict"):
-        if name not in out:  # the check itself failed: say how (signal, exit code, output)
+        # a check that itself failed: say how (signal, exit code, output)
+        if name not in out and (name in got or "probe_failed" in got):
             out[name] = {"ok": False, **{k: v for k, v in got.get(name, got).items() if k != "ok"}}
     return out
 
@@ -122,6 +141,8 @@ def install_size() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpus", default=",".join(CPUS), help="QEMU CPU models, comma-separated")
+    p.add_argument("--alt-torch", default="", help="other torch versions to try where the installed one fails, "
+                   "comma-separated (PyPI aarch64 wheels, unpacked in the userland, import_torch + train_step only)")
     p.add_argument("--rss", help="peak RSS file written by tests/test_pi_emulation.py (FEDRNN_PI_RSS_OUT)")
     p.add_argument("--out", default=str(HERE / "compat.json"))
     a = p.parse_args()
@@ -133,7 +154,8 @@ def main() -> None:
         sys.exit(check.stderr.strip())
     (PI_ROOT / "tmp").mkdir(exist_ok=True)
     result: dict = {"load_average_start": os.getloadavg(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "torch_wheel": os.environ.get("FEDRNN_PI_TORCH", "2.10.0"),
+                    "torch_wheel": sorted(d.name for d in PI_ROOT.glob("home/pi/fedrnn-venv/lib/*/site-packages/torch-*"
+                                                                        ".dist-info")),
                     "tolerances": {"loss": LOSS_TOL, "logit": LOGIT_TOL, "probability": PROB_TOL}}
     with tempfile.TemporaryDirectory(dir=PI_ROOT / "tmp", prefix="fedrnn-compat-") as tmp:
         export, texts = prepare(Path(tmp), data_dir)
@@ -147,6 +169,16 @@ def main() -> None:
                               for cpu, g in zip(cpus, got, strict=True)}
         for cpu, r in result["cpus"].items():
             print(cpu, {k: v["ok"] for k, v in r["checks"].items()}, flush=True)
+        failing = [cpu for cpu, r in result["cpus"].items() if not r["checks"]["train_step"]["ok"]]
+        jobs = [(v, cpu) for v in filter(None, a.alt_torch.split(",")) for cpu in failing]
+        with ThreadPoolExecutor(max(1, len(jobs))) as pool:
+            got = pool.map(lambda job: probe([str(EMULATE), "exec", "--cpu", job[1], "env",
+                                              f"PYTHONPATH={inside(alt_torch(job[0]))}", "python"],
+                                             inside(export), inside(texts), "import_torch,train_step"), jobs)
+            result["alt_torch"] = {f"{v} {cpu}": {"checks": compare(g, ref), "probe": g}
+                                   for (v, cpu), g in zip(jobs, got, strict=True)}
+        for job, r in result["alt_torch"].items():
+            print("torch", job, {k: v["ok"] for k, v in r["checks"].items()}, flush=True)
     result["install"] = install_size()
     if a.rss:
         result["round_peak_rss"] = json.loads(Path(a.rss).read_text())

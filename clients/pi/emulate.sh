@@ -15,16 +15,18 @@
 #
 # Settings (environment):
 #   FEDRNN_PI_ROOT   /work/pi-rootfs/bookworm   the userland (outside the repository; ~1.5 GB)
-#   FEDRNN_PI_TORCH  2.10.0                     the torch wheel the guide installs (clients/README.md)
+#   FEDRNN_PI_TORCH  2.9.1                      the torch wheel the guide installs (clients/README.md)
+#   FEDRNN_PI_TORCH_DIR  (unset)                a userland directory with another torch, put first on
+#                                               PYTHONPATH (e.g. /opt/torch-2.9.1, unpacked by compat.py --alt-torch)
 # `supernode` passes SUPERLINK, CA, KEY, NODE_CONFIG, RUNTIME_PORT, FEDRNN_*, FLWR_* and
 # OMP_NUM_THREADS through: paths in them are paths *inside* the userland (a host path P under
 # $FEDRNN_PI_ROOT is P without that prefix). Every command runs in a private mount namespace
-# (proc and dev are mounted there and vanish with it), with a clean environment.
+# (proc, sys and dev are mounted there and vanish with it), with a clean environment.
 # Needs root, qemu-user-static, debootstrap and binfmt-support (apt-get install -y ...).
 set -euo pipefail
 
 ROOT=${FEDRNN_PI_ROOT:-/work/pi-rootfs/bookworm}
-TORCH=${FEDRNN_PI_TORCH:-2.10.0}
+TORCH=${FEDRNN_PI_TORCH:-2.9.1}
 SUITE=bookworm  # Python 3.11, as Raspberry Pi OS Bookworm
 MIRROR=${FEDRNN_PI_MIRROR:-http://deb.debian.org/debian}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -49,6 +51,7 @@ binfmt() {
 in_root() {
     local env=(HOME="$PI_HOME" LANG=C.UTF-8 QEMU_CPU="$CPU" PIP_CERT=/etc/ssl/certs/ca-certificates.crt
                PATH="$PI_HOME/fedrnn-venv/bin:/usr/local/bin:/usr/bin:/bin" PIP_DISABLE_PIP_VERSION_CHECK=1)
+    [[ -n ${FEDRNN_PI_TORCH_DIR:-} ]] && env+=(PYTHONPATH="$FEDRNN_PI_TORCH_DIR")
     local v
     for v in $(compgen -e); do
         [[ $v =~ ^(SUPERLINK|CA|KEY|NODE_CONFIG|RUNTIME_PORT|FEDRNN_.*|FLWR_.*|OMP_NUM_THREADS)$ ]] && env+=("$v=${!v}")
@@ -56,6 +59,7 @@ in_root() {
     exec unshare --mount --propagation private -- bash -c '
         set -e; root=$1; shift
         mount -t proc proc "$root/proc"
+        mount -t sysfs sysfs "$root/sys"
         mount --rbind /dev "$root/dev"
         exec chroot "$root" /usr/bin/env -i "$@"' _ "$ROOT" "${env[@]}" "$@"
 }

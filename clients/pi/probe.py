@@ -27,6 +27,7 @@ import signal
 import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 TIMEOUT_S = 1800  # per check; emulation is slow
 
@@ -109,18 +110,24 @@ def main() -> None:
     p.add_argument("--export", required=True, help="directory written by `python -m fedrnn.edge.export`")
     p.add_argument("--texts-file", required=True, help="reviews for the predict check, one per line")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checks", default="import_torch,train_step,onnx_int8,predict", help="which checks to run")
     a = p.parse_args()
+    wanted = set(a.checks.split(","))
     cfg = json.load(open(os.path.join(a.export, "config.json")))
     py = sys.executable
-    out = {
-        "machine": platform.machine(), "qemu_cpu": os.environ.get("QEMU_CPU"),
-        "hwcaps": hwcaps() if platform.machine() == "aarch64" else None,
-        "import_torch": run_check([py, "-c", IMPORT_TORCH]),
-        "train_step": run_check([py, "-c", TRAIN_STEP.format(seed=a.seed)]),
-        "onnx_int8": run_check([py, "-c", ONNX_INT8.format(model=os.path.join(a.export, "model.int8.onnx"),
-                                                          seed=a.seed, vocab=cfg["model"]["vocab_size"])]),
+    model = os.path.join(a.export, "model.int8.onnx")
+    checks = {
+        "import_torch": lambda: run_check([py, "-c", IMPORT_TORCH]),
+        "train_step": lambda: run_check([py, "-c", TRAIN_STEP.format(seed=a.seed)]),
+        "onnx_int8": lambda: run_check([py, "-c", ONNX_INT8.format(model=model, seed=a.seed,
+                                                                  vocab=cfg["model"]["vocab_size"])]),
+        "predict": lambda: run_check([py, "-m", "fedrnn.edge.predict", a.export, "--file", a.texts_file], predictions),
     }
-    out["predict"] = run_check([py, "-m", "fedrnn.edge.predict", a.export, "--file", a.texts_file], predictions)
+    out = {"machine": platform.machine(), "qemu_cpu": os.environ.get("QEMU_CPU"),
+           "hwcaps": hwcaps() if platform.machine() == "aarch64" else None}
+    names = [name for name in checks if name in wanted]
+    with ThreadPoolExecutor(len(names) or 1) as pool:  # separate processes: run them side by side
+        out |= dict(zip(names, pool.map(lambda name: checks[name](), names), strict=True))
     print(json.dumps(out))
 
 
