@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedrnn.data.files import load_review_file
 from fedrnn.data.loaders import (
     AMAZON_CATEGORIES,
     DataError,
@@ -18,7 +19,6 @@ from fedrnn.data.loaders import (
     imdb_validation_split,
     load_amazon,
     load_imdb,
-    load_review_file,
     resolve_data_dir,
 )
 

@@ -17,7 +17,7 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedrnn.data.loaders import TABLE_SUFFIXES
+from fedrnn.data.files import TABLE_SUFFIXES
 from fedrnn.data.partitions import PARTITIONS
 from fedrnn.devices import NETWORKS, PROFILES
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS

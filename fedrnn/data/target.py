@@ -26,15 +26,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from fedrnn.data.loaders import (
-    Columns,
-    Reviews,
-    amazon_split,
-    imdb_validation_split,
-    load_amazon,
-    load_imdb,
-    load_labelled_file,
-)
+from fedrnn.data.files import Columns, load_labelled_file
+from fedrnn.data.loaders import Reviews, amazon_split, imdb_validation_split, load_amazon, load_imdb
 from fedrnn.data.tokenizer import Encoded, encode
 
 SPLITS = ("pool", "test", "retention")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedrnn.data.loaders import load_review_file
+from fedrnn.data.files import load_review_file
 from fedrnn.data.partitions import load_partitions, split_holdout
 from fedrnn.data.target import load_target
 from fedrnn.data.tokenizer import Encoded, encode

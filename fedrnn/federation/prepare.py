@@ -17,7 +17,8 @@ import torch
 from rich.console import Console
 
 from fedrnn.config import ConfigError, RunConfig
-from fedrnn.data.loaders import Columns, Reviews
+from fedrnn.data.files import Columns
+from fedrnn.data.loaders import Reviews
 from fedrnn.data.partitions import (
     partition_amazon,
     partition_by_group,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedrnn.data.files import load_labelled_file
 from fedrnn.data.loaders import (
     AMAZON_CATEGORIES,
     DataError,
@@ -37,7 +38,6 @@ from fedrnn.data.loaders import (
     imdb_validation_split,
     load_amazon,
     load_imdb,
-    load_labelled_file,
     resolve_data_dir,
 )
 from fedrnn.data.tokenizer import UNK, Encoded, encode, train_tokenizer
