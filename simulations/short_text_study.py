@@ -210,6 +210,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def save(rows: list[dict[str, Any]], results: Path, targets: list[str]) -> list[dict[str, Any]]:
+    """Write the CSV and plot; other targets' rows already in the CSV are kept (one process per target)."""
+    csv_path = results / "short_text_study.csv"
+    if csv_path.is_file():
+        with csv_path.open() as f:
+            kept = [r for r in csv.DictReader(f) if r["target"] not in targets]
+        rows = [{k: (float(v) if k not in ("target", "arm") and v != "" else (v or None)) for k, v in r.items()}
+                for r in kept] + rows
+    write_csv(csv_path, rows)
+    plot(rows, results / "short_text_study.png")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="cache/teacher")
@@ -231,18 +244,11 @@ def main() -> None:
     for target in a.targets:
         for seed in a.seeds:
             rows += study_target(target, seed, a, work)
+            for r in rows:
+                r["study_seconds"] = time.perf_counter() - t0
+            merged = save(rows, Path(a.results), a.targets)  # after every seed: an interrupted study keeps its rows
             print(json.dumps(rows[-5:]), flush=True)
-    for r in rows:
-        r["study_seconds"] = time.perf_counter() - t0
-    csv_path = Path(a.results) / "short_text_study.csv"
-    if csv_path.is_file():  # keep the other targets' rows (targets may be run as separate processes)
-        with csv_path.open() as f:
-            kept = [r for r in csv.DictReader(f) if r["target"] not in a.targets]
-        rows = [{k: (float(v) if k not in ("target", "arm") and v != "" else (v or None)) for k, v in r.items()}
-                for r in kept] + rows
-    write_csv(csv_path, rows)
-    plot(rows, Path(a.results) / "short_text_study.png")
-    print("\n".join(summarise(rows)))
+    print("\n".join(summarise(merged)))
 
 
 if __name__ == "__main__":
