@@ -210,12 +210,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def save(rows: list[dict[str, Any]], results: Path, targets: list[str]) -> list[dict[str, Any]]:
-    """Write the CSV and plot; other targets' rows already in the CSV are kept (one process per target)."""
+def save(rows: list[dict[str, Any]], results: Path) -> list[dict[str, Any]]:
+    """Write the CSV and plot; rows of other (target, seed) pairs already in the CSV are kept, so targets
+    and seeds can run as separate processes."""
     csv_path = results / "short_text_study.csv"
+    mine = {(r["target"], float(r["seed"])) for r in rows}
     if csv_path.is_file():
         with csv_path.open() as f:
-            kept = [r for r in csv.DictReader(f) if r["target"] not in targets]
+            kept = [r for r in csv.DictReader(f) if (r["target"], float(r["seed"])) not in mine]
         rows = [{k: (float(v) if k not in ("target", "arm") and v != "" else (v or None)) for k, v in r.items()}
                 for r in kept] + rows
     write_csv(csv_path, rows)
@@ -246,7 +248,7 @@ def main() -> None:
             rows += study_target(target, seed, a, work)
             for r in rows:
                 r["study_seconds"] = time.perf_counter() - t0
-            merged = save(rows, Path(a.results), a.targets)  # after every seed: an interrupted study keeps its rows
+            merged = save(rows, Path(a.results))  # after every seed: an interrupted study keeps its rows
             print(json.dumps(rows[-5:]), flush=True)
     print("\n".join(summarise(merged)))
 
