@@ -31,8 +31,8 @@ from fedrnn.config import (
     load_config,
     parse_set,
 )
-from fedrnn.data.loaders import DataError
 from fedrnn.data.partitions import PARTITIONS, PartitionError
+from fedrnn.data.reviews import DataError
 from fedrnn.federation.prepare import check_files
 from fedrnn.federation.rundir import RunDir
 from fedrnn.io import write_json

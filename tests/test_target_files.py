@@ -14,8 +14,8 @@ from rich.console import Console
 
 from fedrnn.config import ConfigError, load_config
 from fedrnn.data.files import Columns, load_labelled_file
-from fedrnn.data.loaders import DataError
 from fedrnn.data.partitions import PartitionError, partition_dirichlet, partition_natural, partition_quantity
+from fedrnn.data.reviews import DataError
 from fedrnn.data.target import load_target
 from fedrnn.federation.prepare import check_files, prepare_run
 from fedrnn.model.checkpoint import load_checkpoint

@@ -17,8 +17,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedrnn.data.files import TABLE_SUFFIXES
 from fedrnn.data.partitions import PARTITIONS
+from fedrnn.data.reviews import TABLE_SUFFIXES
 from fedrnn.devices import NETWORKS, PROFILES
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
 from fedrnn.model.rnn import CELLS, TRANSFER_MODES
@@ -160,9 +160,13 @@ class SimulationSection:
     actors: int = 2  # concurrent ClientApp workers (Ray actors)
     threads_per_actor: int = 1  # torch intra-op threads in each worker
     ray_address: str = ""  # "" = start a local Ray; "auto" or "HOST:PORT" attaches to a cluster
+    gpus_per_actor: float = 0.0  # Ray num_gpus of each ClientApp worker (e.g. 0.25: four share a GPU); needs CUDA
 
     def validate(self) -> None:
         _check(self.actors >= 1, "simulation.actors", "must be >= 1", self.actors)
+        _check(isinstance(self.gpus_per_actor, (int, float)) and not isinstance(self.gpus_per_actor, bool)
+               and 0 <= self.gpus_per_actor <= 1, "simulation.gpus_per_actor", "must be in [0, 1]",
+               self.gpus_per_actor)
         _check(self.threads_per_actor >= 1, "simulation.threads_per_actor", "must be >= 1", self.threads_per_actor)
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrnn.data.loaders import AMAZON_CATEGORIES, DataError, Reviews
+from fedrnn.data.loaders import AMAZON_CATEGORIES
+from fedrnn.data.reviews import DataError, Reviews
 
 
 class PartitionError(ValueError):

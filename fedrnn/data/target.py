@@ -28,7 +28,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from fedrnn.data.files import Columns, load_labelled_file
-from fedrnn.data.loaders import Reviews, amazon_split, imdb_validation_split, load_amazon, load_imdb
+from fedrnn.data.loaders import amazon_split, imdb_validation_split, load_amazon, load_imdb
+from fedrnn.data.reviews import Reviews
 from fedrnn.data.tokenizer import Encoded, encode
 
 SPLITS = ("pool", "test", "retention")

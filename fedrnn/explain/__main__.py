@@ -6,7 +6,7 @@ CHECKPOINT_OR_RUN is a checkpoint directory (the teacher, a run's ``student/``) 
 ``--html FILE`` writes the same as a web page.
 
 Batch mode: ``--data FILE --out OUT.jsonl`` explains every review of a data file (``.txt`` with one
-review per line, or any review file ``fedrnn.data.files.load_review_file`` reads: ``.jsonl[.gz]``,
+review per line, or any review file ``fedrnn.data.loaders.load_review_file`` reads: ``.jsonl[.gz]``,
 ``.csv``/``.tsv``, Amazon ``.review``) and writes one JSON line per review: its words, gold label
 (if the file has one), predicted probabilities and each method's score per word (null for words
 beyond the model's window).
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from fedrnn.data.files import load_review_file
-from fedrnn.data.loaders import DataError
+from fedrnn.data.loaders import load_review_file
+from fedrnn.data.reviews import DataError
 from fedrnn.edge.explain import Explanation, to_html, to_rich
 from fedrnn.explain.attribution import IG_STEPS, METHODS, TorchModel, explain, load_model
 from fedrnn.model.checkpoint import CheckpointError

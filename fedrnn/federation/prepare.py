@@ -18,7 +18,6 @@ from rich.console import Console
 
 from fedrnn.config import ConfigError, RunConfig
 from fedrnn.data.files import Columns
-from fedrnn.data.loaders import Reviews
 from fedrnn.data.partitions import (
     partition_amazon,
     partition_by_group,
@@ -27,6 +26,7 @@ from fedrnn.data.partitions import (
     partition_quantity,
     save_partitions,
 )
+from fedrnn.data.reviews import Reviews
 from fedrnn.data.target import BUILTIN, TargetData, TargetSpec, load_target, prepare_target
 from fedrnn.devices import DeviceError, load_trace
 from fedrnn.federation.rundir import RunDir

@@ -33,13 +33,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedrnn.data.files import load_labelled_file
 from fedrnn.data.loaders import (
     AMAZON_CATEGORIES,
-    DataError,
     amazon_split,
     imdb_validation_split,
     load_amazon,
     load_imdb,
     resolve_data_dir,
 )
+from fedrnn.data.reviews import DataError
 from fedrnn.data.tokenizer import UNK, Encoded, encode, train_tokenizer
 from fedrnn.model.checkpoint import save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
