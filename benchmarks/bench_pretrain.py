@@ -10,8 +10,10 @@ recipe (``python -m fedrnn.model.pretrain --out DIR``) read from ``DIR/metrics.j
 
 Both recipes run at the same time, as two processes with the same torch thread count, so a
 change in the shared machine's load hits both alike; each one's wall time *and* CPU seconds
-(user + system, from ``wait4``) are recorded, with the load average sampled every few seconds.
-CPU seconds are the load-independent measure; wall times on a shared machine are pessimistic.
+(user + system, from ``wait4``) are recorded, with the load average sampled every few seconds,
+and each run records its own training CPU seconds (``time.process_time``: data, tokenizer, epochs,
+early-stopping validation; not the final evaluations). CPU seconds are the load-independent
+measure; wall times on a shared machine are pessimistic.
 Each run writes its teacher checkpoint (the new one is the default teacher's recipe) and its
 zero-shot accuracies: IMDB test, Amazon categories, rt_polarity, uci_sentences (never trained on).
 
@@ -100,6 +102,9 @@ def main() -> None:
     p.add_argument("--full-new", help="checkpoint dir of a full-scale short-text pretraining to report too")
     p.add_argument("--deadline-s", type=float, default=float("inf"),
                    help="stop a run still going after this long; its CPU seconds become a lower bound")
+    p.add_argument("--collect", action="store_true",
+                   help="write the results of runs this script started in --out-dir whose invocation was stopped "
+                        "(each run's own training CPU seconds; the whole-process CPU seconds are then unknown)")
     a = p.parse_args()
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,13 @@ def main() -> None:
     sampler = threading.Thread(target=sample_load, args=(stop, loads), daemon=True)
     load_start = os.getloadavg()
     sampler.start()
-    runs = run_both(out_dir, a.threads, extra, a.deadline_s)
+    if a.collect:
+        runs = {name: {"finished": (out_dir / name / "metrics.json").is_file(), "wall_seconds": None,
+                       "cpu_seconds": None, "metrics": json.loads(wait_for(out_dir / name / "metrics.json",
+                                                                            3600.0).read_text())}
+                for name in RECIPES}
+    else:
+        runs = run_both(out_dir, a.threads, extra, a.deadline_s)
     stop.set()
     keys = ("imdb_test_accuracy", "imdb_val_accuracy", "train_seconds", "train_cpu_seconds",
             "amazon_zero_shot_accuracy", "amazon_zero_shot_mean", "rt_polarity_zero_shot_accuracy",
@@ -124,23 +135,24 @@ def main() -> None:
     old, new = result["previous"], result["short_text"]
     if not new["finished"]:
         raise SystemExit("the short-text recipe did not finish before --deadline-s; nothing to compare")
-    result["speedup"] = {  # a lower bound where the previous recipe was stopped unfinished
-        "is_lower_bound": not old["finished"],
-        "cpu_seconds": old["cpu_seconds"] / new["cpu_seconds"],
-        "wall_seconds": old["wall_seconds"] / new["wall_seconds"],
-    }
+    # training = data, tokenizer, epochs and early-stopping validation; not the final test and zero-shot evaluations
+    result["speedup"] = {"is_lower_bound": not old["finished"]}
     if old["finished"]:
         result["speedup"] |= {"train_cpu_seconds": old["train_cpu_seconds"] / new["train_cpu_seconds"],
                               "train_wall_seconds": old["train_seconds"] / new["train_seconds"]}
+    if old["cpu_seconds"] is not None:  # whole processes, evaluations included
+        result["speedup"] |= {"cpu_seconds": old["cpu_seconds"] / new["cpu_seconds"],
+                              "wall_seconds": old["wall_seconds"] / new["wall_seconds"]}
     result["scale"] = {"train_limit": a.train_limit, "eval_limit": a.eval_limit}
     accuracy_of = new  # the full-scale run's accuracies where there is one
     if a.full_new:
         full = json.loads(wait_for(Path(a.full_new) / "metrics.json", 3600.0).read_text())
         accuracy_of = result["short_text_full_scale"] = {k: full.get(k) for k in keys} | {
             "checkpoint": a.full_new, "epochs_run": len(full["history"])}
+    speed = result["speedup"].get("train_cpu_seconds", result["speedup"].get("cpu_seconds", 0.0))
     result["targets"] = TARGETS
     result["meets_targets"] = {
-        "speedup_cpu": result["speedup"]["cpu_seconds"] >= TARGETS["speedup"],
+        "speedup_train_cpu": speed >= TARGETS["speedup"],
         **{k: (accuracy_of[k] or 0) >= v for k, v in TARGETS.items() if k != "speedup"},
     }
     result["load_average"] = {"at_start_1_5_15min": load_start, "at_end_1_5_15min": os.getloadavg(),
@@ -158,7 +170,7 @@ def main() -> None:
         r = result[name]
         print(f"{name}: finished {r['finished']} imdb {r['imdb_test_accuracy']} "
               f"rt {r['rt_polarity_zero_shot_accuracy']} uci {r['uci_sentences_zero_shot_accuracy']} "
-              f"cpu {r['cpu_seconds']:.0f}s wall {r['wall_seconds']:.0f}s")
+              f"training cpu {r['train_cpu_seconds']:.0f}s wall {r['train_seconds']:.0f}s")
 
 
 if __name__ == "__main__":

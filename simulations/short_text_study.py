@@ -210,6 +210,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def save(rows: list[dict[str, Any]], results: Path) -> list[dict[str, Any]]:
+    """Write the CSV and plot; rows of other (target, seed) pairs already in the CSV are kept, so targets
+    and seeds can run as separate processes."""
+    csv_path = results / "short_text_study.csv"
+    mine = {(r["target"], float(r["seed"])) for r in rows}
+    if csv_path.is_file():
+        with csv_path.open() as f:
+            kept = [r for r in csv.DictReader(f) if (r["target"], float(r["seed"])) not in mine]
+        rows = [{k: (float(v) if k not in ("target", "arm") and v != "" else (v or None)) for k, v in r.items()}
+                for r in kept] + rows
+    write_csv(csv_path, rows)
+    plot(rows, results / "short_text_study.png")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="cache/teacher")
@@ -231,18 +246,11 @@ def main() -> None:
     for target in a.targets:
         for seed in a.seeds:
             rows += study_target(target, seed, a, work)
+            for r in rows:
+                r["study_seconds"] = time.perf_counter() - t0
+            merged = save(rows, Path(a.results))  # after every seed: an interrupted study keeps its rows
             print(json.dumps(rows[-5:]), flush=True)
-    for r in rows:
-        r["study_seconds"] = time.perf_counter() - t0
-    csv_path = Path(a.results) / "short_text_study.csv"
-    if csv_path.is_file():  # keep the other targets' rows (targets may be run as separate processes)
-        with csv_path.open() as f:
-            kept = [r for r in csv.DictReader(f) if r["target"] not in a.targets]
-        rows = [{k: (float(v) if k not in ("target", "arm") and v != "" else (v or None)) for k, v in r.items()}
-                for r in kept] + rows
-    write_csv(csv_path, rows)
-    plot(rows, Path(a.results) / "short_text_study.png")
-    print("\n".join(summarise(rows)))
+    print("\n".join(summarise(merged)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def prepare_target(
             f"{name}_groups": reviews.groups.astype(str),
         }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # processes preparing the same target at once
     np.savez(tmp, **arrays)
     tmp.replace(path)
     return path
