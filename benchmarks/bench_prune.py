@@ -40,7 +40,7 @@ from fedrnn.data.tokenizer import encode
 from fedrnn.edge.distill import distill
 from fedrnn.edge.predict import FLOAT_MODEL, INT8_MODEL, TOKENIZER, Predictor
 from fedrnn.edge.prune import prune_hidden, prune_vocab, shrink_tokenizer, token_counts
-from fedrnn.edge.search import export_in_subprocess, latency_p95_ms, load_search_data, teacher_accuracy
+from fedrnn.edge.trials import export_in_subprocess, latency_p95_ms, load_search_data, teacher_accuracy
 from fedrnn.model.checkpoint import save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
 

@@ -24,7 +24,7 @@ from fedrnn.edge.prune import (
     token_counts,
     unit_importance,
 )
-from fedrnn.edge.search import export_in_subprocess
+from fedrnn.edge.trials import export_in_subprocess
 from fedrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
 from fedrnn.model.training import predict_logits

@@ -16,8 +16,9 @@ from fedrnn.devices.profiles import PROFILES
 from fedrnn.edge.budgets import LATENCY_P95_MS, Budget, BudgetError, budget_for, resolve_class
 from fedrnn.edge.distill import dataset_logits
 from fedrnn.edge.predict import Predictor
-from fedrnn.edge.search import Fidelity, SearchData, Space, choose, feasible, search
+from fedrnn.edge.search import choose, feasible, search
 from fedrnn.edge.search import main as search_main
+from fedrnn.edge.trials import Fidelity, SearchData, Space
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import ModelConfig
 
