@@ -27,7 +27,7 @@ from rich.console import Console
 
 from fedrnn.config import ConfigError, RunConfig, load_config
 from fedrnn.federation.loop import DeviceNodes, Placement, VirtualClients
-from fedrnn.runs.console import round_printer
+from fedrnn.runs.console import quiet_flower_and_ray, round_printer
 from fedrnn.runs.lifecycle import execute, open_run, prepare
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -67,6 +67,18 @@ def is_simulation(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
+def simulation_hint(cfg: RunConfig) -> str:
+    """How to give Flower's Simulation Engine fedrnn's workers ([simulation] actors, one CPU each).
+
+    Under ``flwr run`` Flower starts Ray and its ClientApp workers from the federation's
+    simulation config before the ServerApp runs (default in 1.42: 2 CPUs per ClientApp, as many
+    workers as the machine's CPUs allow); an app cannot change it, so the run says how.
+    """
+    a = cfg.simulation.actors
+    return (f"ClientApp workers come from Flower's federation config; for fedrnn's [simulation] actors = {a}, run "
+            f"with --federation-config \"num-supernodes={a} client-resources-num-cpus=1 init-args-num-cpus={a}\"")
+
+
 def placement_for(grid: Grid, choice: str, min_nodes: int) -> Placement:
     if choice not in PLACEMENTS:
         raise ConfigError(f"run config placement = {choice!r}: expected one of {', '.join(PLACEMENTS)}")
@@ -89,6 +101,9 @@ def main(grid: Grid, context: Context) -> None:
                           "are real, so set devices.enabled = false (or leave the section out)")
     console.print(f"fedrnn: run directory {run.dir.path} ({'simulated' if placement.simulated else 'real'} "
                   "SuperNodes)", highlight=False)
+    if placement.simulated:
+        quiet_flower_and_ray(flower_level=None)  # this process is the Simulation Engine's Ray driver
+        console.print(f"fedrnn: {simulation_hint(run.cfg)}", highlight=False)
     prepare(run)
     run.on_round.append(round_printer(console, run.cfg.run.rounds))  # one line per round in `flwr log`
     execute(run, grid, placement, console)

@@ -99,7 +99,7 @@ CLIENT_FAILURE_LOGS = ("An exception was raised when processing a message by", "
                        "Traceback (most recent call last)")
 
 
-def quiet_flower_and_ray() -> None:
+def quiet_flower_and_ray(flower_level: int | None = logging.WARNING) -> None:
     """Drop Flower's and Ray's messages that a normal run does not need (``--verbose`` keeps them).
 
     Flower: only warnings and errors, and not the notice that ``run_simulation`` is deprecated
@@ -110,9 +110,11 @@ def quiet_flower_and_ray() -> None:
     with a task that ends the actor, which Ray reports as a failed task (retried, as fedrnn's
     actors allow one retry). Those lines say nothing about the run, so they are not printed;
     a real client failure is reported by the round loop (``failed N`` and the failure guard).
+    ``flower_level`` None keeps Flower's own level (under ``flwr run``, where its lines are expected).
     """
     flwr = logging.getLogger("flwr")
-    flwr.setLevel(logging.WARNING)
+    if flower_level is not None:
+        flwr.setLevel(flower_level)
     if not any(isinstance(f, _DropMessages) for f in flwr.filters):
         flwr.addFilter(_DropMessages("The `run_simulation` function is deprecated", *CLIENT_FAILURE_LOGS))
     import ray._private.worker as ray_worker
