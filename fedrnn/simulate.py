@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(run.dir.path / SUMMARY, summary)
     console.print(
         f"[bold green]done[/]: {run.dir.path}  target accuracy {accuracy(summary['final'].get('target_accuracy'))}  "
-        f"wall {wall:.0f} s  efficiency {summary['simulation_efficiency']:.2f}", highlight=False
+        f"wall {wall:.0f} s  efficiency {summary['simulation_efficiency']:.2f}", highlight=False, soft_wrap=True
     )
     return summary
 

@@ -100,10 +100,10 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError(f"{rc.get('config')}: [devices] simulates a device fleet; on real SuperNodes the devices "
                           "are real, so set devices.enabled = false (or leave the section out)")
     console.print(f"fedrnn: run directory {run.dir.path} ({'simulated' if placement.simulated else 'real'} "
-                  "SuperNodes)", highlight=False)
+                  "SuperNodes)", highlight=False, soft_wrap=True)
     if placement.simulated:
         quiet_flower_and_ray(flower_level=None)  # this process is the Simulation Engine's Ray driver
-        console.print(f"fedrnn: {simulation_hint(run.cfg)}", highlight=False)
+        console.print(f"fedrnn: {simulation_hint(run.cfg)}", highlight=False, soft_wrap=True)
     prepare(run)
     run.on_round.append(round_printer(console, run.cfg.run.rounds))  # one line per round in `flwr log`
     execute(run, grid, placement, console)

@@ -8,8 +8,8 @@ the console (no Ray or Flower noise, accuracy with 4 decimals), the per-client r
 ``python -m fedrnn.report``.
 
 The local SuperLink listens on free ports (Flower's ``FLWR_LOCAL_*_PORT`` variables) so tests
-running side by side do not meet; it is detached from ``flwr``, so it is found by its
-``FLWR_HOME`` in its command line and stopped by PID with what it spawned. Every wait is bounded.
+running side by side do not meet; it runs detached, so it is found by its ``FLWR_HOME`` in its
+command line and stopped by PID with what it spawned. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -57,9 +57,16 @@ def run_env(tmp_path: Path) -> dict[str, str]:
 
 
 @contextmanager
-def local_superlink_cleanup(env: dict[str, str]) -> Iterator[None]:
-    """Stop, after the block, the local SuperLink ``flwr run`` started for this ``FLWR_HOME`` (and its children)."""
+def local_superlink(env: dict[str, str]) -> Iterator[None]:
+    """Flower's managed local SuperLink for this ``FLWR_HOME``, stopped (with its children) after the block.
+
+    It is started by Flower's own code, as ``flwr run`` starts it, but waiting up to 120 s instead
+    of Flower's 15 s, which a loaded test machine can exceed (``flwr run`` then kills it).
+    """
+    start = ("import flwr.cli.local_superlink as m; m.LOCAL_SUPERLINK_STARTUP_TIMEOUT = 120.0; "
+             "m._start_local_superlink()")
     try:
+        subprocess.run([sys.executable, "-c", start], env=env, check=True, capture_output=True, timeout=180)
         yield
     finally:
         home = env["FLWR_HOME"]
@@ -97,7 +104,7 @@ def test_flwr_run_on_the_default_local_superlink_matches_the_cli(tmp_path: Path,
     assert final and len(final.group(1)) <= 6, reference.stdout  # at most 4 decimals
     assert re.search(r"round   1/2 .* elapsed \S+  ETA \S+", reference.stdout), reference.stdout
 
-    with local_superlink_cleanup(env):
+    with local_superlink(env):
         run = flwr_run(env, f"config='{config}' run-dir='{tmp_path / 'flwr-run'}'")
     out = run.stdout + run.stderr
     assert run.returncode == 0 and "Successfully started run" in out, out[-5000:]

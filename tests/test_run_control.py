@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_flwr_run_simulation import ROOT, flwr_run, local_superlink_cleanup, run_env, simulate, tiny_config
+from test_flwr_run_simulation import ROOT, flwr_run, local_superlink, run_env, simulate, tiny_config
 
 from fedrnn.federation.rundir import RunDir
 
@@ -31,7 +31,7 @@ def test_a_run_whose_clients_all_fail_exits_non_zero_quoting_the_client_error(
     assert CLIENT_ERROR in r.stderr and "--resume" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
 
-    with local_superlink_cleanup(env):
+    with local_superlink(env):
         f = flwr_run(env, f"config='{config}' run-dir='{tmp_path / 'flwr'}'")
         status = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "--format", "json"], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=60)
@@ -61,7 +61,7 @@ def test_ctrl_c_stops_at_once_prints_the_resume_command_and_resume_finishes_the_
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
         rc = proc.wait(timeout=30)
         assert time.monotonic() - t0 < 30
     finally:

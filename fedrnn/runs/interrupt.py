@@ -32,7 +32,7 @@ def stop_on_sigint(console: Console, run_dir: Path, before_exit: Callable[[], No
     def handler(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the shutdown
         console.print(f"\n[bold yellow]interrupted[/]: {run_dir} keeps every completed round; continue it with\n"
-                      f"  {resume_command(run_dir)}", highlight=False)
+                      f"  {resume_command(run_dir)}", highlight=False, soft_wrap=True)
         sys.stdout.flush()
         try:
             if before_exit is not None:

@@ -74,7 +74,7 @@ def client_rows(row: dict[str, Any], answered: RoundReplies) -> list[dict[str, A
             rec |= {"status": "rejected", "reason": rejected.get(str(client), "not aggregated (see the run's log)")}
         ok = reply is not None and not reply.has_error()
         rec |= {
-            "examples": _metric(reply, TrainReport.key("num_examples")) if ok else None,
+            "examples": int(_metric(reply, TrainReport.key("num_examples")) or 0) if ok else None,
             "steps": _metric(reply, TrainReport.key("steps")) if ok else None,
             "train_loss": _metric(reply, TrainReport.key("train_loss")) if ok else None,
             "train_accuracy": _metric(reply, TrainReport.key("train_accuracy")) if ok else None,
@@ -126,7 +126,7 @@ def write_metrics_csv(run_dir: RunDir) -> None:
     rows = run_dir.read_metrics()
     if not rows:
         return
-    columns: dict[str, None] = {}
+    columns: dict[str, None] = {"round": None}
     for r in rows:
         columns |= {k: None for k, v in r.items() if v is None or isinstance(v, (int, float, str, bool))}
     write_csv(run_dir.path / METRICS_CSV, [{k: r.get(k) for k in columns} for r in rows])
