@@ -27,7 +27,7 @@ from rich.console import Console
 
 from fedrnn.config import ConfigError, RunConfig, load_config
 from fedrnn.federation.loop import DeviceNodes, Placement, VirtualClients
-from fedrnn.runs.console import quiet_flower_and_ray, round_printer
+from fedrnn.runs.console import quiet_flower, round_printer
 from fedrnn.runs.lifecycle import execute, open_run, prepare
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -102,8 +102,8 @@ def main(grid: Grid, context: Context) -> None:
     console.print(f"fedrnn: run directory {run.dir.path} ({'simulated' if placement.simulated else 'real'} "
                   "SuperNodes)", highlight=False, soft_wrap=True)
     if placement.simulated:
-        quiet_flower_and_ray(flower_level=None)  # this process is the Simulation Engine's Ray driver
-        console.print(f"fedrnn: {simulation_hint(run.cfg)}", highlight=False, soft_wrap=True)
+        quiet_flower(level=None)  # Flower's per-failure tracebacks; Ray's lines are Flower's to configure here
+        console.print(f"fedrnn: {simulation_hint(run.cfg)}", markup=False, highlight=False, soft_wrap=True)
     prepare(run)
     run.on_round.append(round_printer(console, run.cfg.run.rounds))  # one line per round in `flwr log`
     execute(run, grid, placement, console)

@@ -3,7 +3,7 @@
 A round without server-side evaluation (``server.eval_every``) gets a shorter line instead of
 columns of dashes. Without ``--verbose``, Flower's ``run_simulation`` deprecation notice and
 Ray's end-of-run ``(raylet) Task ClientAppActor.terminate failed`` lines are dropped (see
-:func:`quiet_flower_and_ray`).
+:func:`quiet_flower` and :func:`quiet_ray`).
 """
 
 from __future__ import annotations
@@ -97,26 +97,36 @@ def failure_printer(console: Console) -> Callable[[dict[str, Any], RoundReplies]
 # exception, the traceback), with Ray's traceback chain inside: tens of lines per failed client.
 CLIENT_FAILURE_LOGS = ("An exception was raised when processing a message by", "ray::ClientAppActor",
                        "Traceback (most recent call last)")
+# The round loop asks the strategy for one prototype training message (``OneNodeGrid``), so
+# Flower's "configure_train: Sampled 1 nodes (out of 1)" describes that call, not the round.
+PROTOTYPE_LOGS = ("configure_train: Sampled 1 nodes (out of 1)",)
 
 
-def quiet_flower_and_ray(flower_level: int | None = logging.WARNING) -> None:
-    """Drop Flower's and Ray's messages that a normal run does not need (``--verbose`` keeps them).
+def quiet_flower(level: int | None = logging.WARNING) -> None:
+    """Drop Flower's messages that a normal run does not need (``--verbose`` keeps them).
 
-    Flower: only warnings and errors, and not the notice that ``run_simulation`` is deprecated
-    (fedrnn keeps it; the README's "Console" section says why), nor its per-failure traceback
-    logs (:data:`CLIENT_FAILURE_LOGS`; :func:`failure_printer` prints one line per failed client
-    instead, and ``clients.jsonl`` keeps the reason). Ray: its driver prints errors
-    that workers report, prefixed ``(raylet)``; at the end of every run Flower stops its actors
-    with a task that ends the actor, which Ray reports as a failed task (retried, as fedrnn's
-    actors allow one retry). Those lines say nothing about the run, so they are not printed;
-    a real client failure is reported by the round loop (``failed N`` and the failure guard).
-    ``flower_level`` None keeps Flower's own level (under ``flwr run``, where its lines are expected).
+    Only warnings and errors (``level``; None keeps Flower's own, as under ``flwr run`` where its
+    lines are expected), not the notice that ``run_simulation`` is deprecated (fedrnn keeps it;
+    the README's "Console" section says why), nor its per-failure traceback logs
+    (:data:`CLIENT_FAILURE_LOGS`; :func:`failure_printer` prints one line per failed client
+    instead, and ``clients.jsonl`` keeps the reason), nor :data:`PROTOTYPE_LOGS`.
     """
     flwr = logging.getLogger("flwr")
-    if flower_level is not None:
-        flwr.setLevel(flower_level)
+    if level is not None:
+        flwr.setLevel(level)
     if not any(isinstance(f, _DropMessages) for f in flwr.filters):
-        flwr.addFilter(_DropMessages("The `run_simulation` function is deprecated", *CLIENT_FAILURE_LOGS))
+        flwr.addFilter(_DropMessages("The `run_simulation` function is deprecated", *CLIENT_FAILURE_LOGS,
+                                     *PROTOTYPE_LOGS))
+
+
+def quiet_ray() -> None:
+    """Do not print the errors Ray's workers report to the driver (``(raylet) ...`` lines).
+
+    At the end of every run Flower stops its actors with a task that ends the actor, which Ray
+    reports as a failed task (retried, as fedrnn's actors allow one retry): two lines that say
+    nothing about the run. A real client failure is reported by the round loop (``failed N``,
+    :func:`failure_printer` and the failure guard). Call it from the thread that imported Ray.
+    """
     import ray._private.worker as ray_worker
 
     printer = ray_worker.print_to_stdstream
