@@ -94,8 +94,8 @@ def run(name: str, cfg: dict, work: Path) -> list[dict]:
     if not (out / "summary.json").is_file():
         work.mkdir(parents=True, exist_ok=True)
         (work / f"{name}.toml").write_text(dump_toml(cfg))
-        args = ["--resume", str(out)] if (out / "state.json").is_file() else [
-            "--config", str(work / f"{name}.toml"), "--out", str(out)]
+        args = ["--resume", str(out)] if (out / "state.json").is_file() else [  # no round done: start over
+            "--config", str(work / f"{name}.toml"), "--out", str(out), "--overwrite"]
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", *args], cwd=ROOT, capture_output=True,
                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

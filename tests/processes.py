@@ -1,12 +1,32 @@
-"""Helpers for tests that start real processes: free loopback ports, and ending what they start by PID."""
+"""Helpers for tests that start real processes: free loopback ports, ending what they start by PID, and the
+torch-free predict command."""
 
 from __future__ import annotations
 
 import signal
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+_PREDICT_NO_TORCH = """
+import runpy, sys
+sys.argv = ["fedrnn.edge.predict", *sys.argv[1:]]
+try:
+    runpy.run_module("fedrnn.edge.predict", run_name="__main__", alter_sys=True)
+finally:
+    print("TORCH_MODULES", sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")), file=sys.stderr)
+"""
+
+
+def run_predict(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m fedrnn.edge.predict ARGS``; stderr ends with ``TORCH_MODULES [...]``, the torch modules loaded."""
+    return subprocess.run([sys.executable, "-c", _PREDICT_NO_TORCH, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ import pytest
 
 from fedrnn.config import ConfigError, config_from_dict
 from fedrnn.devices import Fleet, load_trace
+from fedrnn.federation.prepare import check_files
 from fedrnn.federation.rundir import RunDir
 from fedrnn.federation.wire import record_nbytes, to_record
 from fedrnn.model.checkpoint import load_checkpoint
@@ -138,18 +139,24 @@ def test_local_work_matches_the_training_loop() -> None:
     ({"mix": {"rpi4": 1.0}, "network": "wifi", "network_mix": {"4g": 1.0}}, "needs at most one"),
     ({"mix": {"rpi4": 1.0}, "availability": "weekends"}, "devices.availability must be"),
     ({"mix": {"rpi4": 1.0}, "policy": "drop"}, "devices.deadline_s must be > 0 with policy 'drop'"),
-    ({"trace": "configs/fleets/missing.csv"}, "devices.trace: trace file configs/fleets/missing.csv does not exist"),
 ])
 def test_bad_devices_config_is_named(devices: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict({"devices": {"enabled": True, **devices}})
 
 
-def test_bad_trace_row_is_named_at_config_time(tmp_path: Path) -> None:
+def test_bad_trace_is_named_before_the_run(tmp_path: Path) -> None:
+    """Validation reads no file; the run's file check (``prepare_run`` calls it first) names the trace's problem."""
     bad = tmp_path / "fleet.csv"
     bad.write_text(TRACE.read_text().replace("\n3,rpi3b+,,0.0405,24500000,", "\n3,rpi3b+,,0.0405,-1,"))
-    with pytest.raises(ConfigError, match=re.escape(f"devices.trace: {bad}: line 5: column 'down_bps' must be > 0")):
-        config_from_dict({"devices": {"enabled": True, "trace": str(bad)}})
+    cases = [(str(bad), 10, f"devices.trace: {bad}: line 5: column 'down_bps' must be > 0"),
+             ("configs/fleets/missing.csv", 10, "devices.trace: trace file configs/fleets/missing.csv does not exist"),
+             (str(TRACE), 12, f"devices.trace: {TRACE} has 10 clients but run.clients = 12")]
+    for trace, clients, message in cases:
+        cfg = config_from_dict({"run": {"clients": clients}, "devices": {"enabled": True, "trace": trace}})
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_files(cfg)
+    check_files(config_from_dict({"run": {"clients": 10}, "devices": {"enabled": True, "trace": str(TRACE)}}))
 
 
 def test_pi_fleet_rows_carry_the_device_metrics(pi_run: Path, tiny_teacher: tuple[Path, dict]) -> None:
@@ -207,11 +214,8 @@ def test_offline_pis_are_never_selected(pi_run: Path) -> None:
 
 def test_trace_fleet_runs_and_resume_continues_the_clock(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
     run = _run(tmp_path, "trace", TRACE_FLEET, tiny_teacher[0])
-    config = json.loads((run / "config.json").read_text())
-    config["run"]["rounds"] = 3
-    (run / "config.json").write_text(json.dumps(config))
-    r = _simulate(["--resume", str(run)], tmp_path / "cache")
-    assert "resuming" in r.stdout
+    r = _simulate(["--resume", str(run), "--rounds", "3"], tmp_path / "cache")
+    assert "resuming" in r.stdout and json.loads((run / "config.json").read_text())["run"]["rounds"] == 3
     rows = RunDir(run).read_metrics()
     assert [x["round"] for x in rows] == [0, 1, 2, 3]
     _check_clock(rows, deadline=2.0)  # round 3 starts exactly where round 2's clock stopped

@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from processes import run_predict
 
 from fedrnn.data.loaders import load_imdb
 from fedrnn.data.tokenizer import encode
@@ -241,25 +242,11 @@ def test_predictor_rejects_a_directory_without_an_export(tmp_path: Path) -> None
         Predictor(tmp_path)
 
 
-_NO_TORCH = """
-import runpy, sys
-sys.argv = ["fedrnn.edge.predict", *sys.argv[1:]]
-try:
-    runpy.run_module("fedrnn.edge.predict", run_name="__main__", alter_sys=True)
-finally:
-    leaked = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-    print("TORCH_MODULES", leaked, file=sys.stderr)
-"""
-
-
 def test_predict_command_runs_without_torch(exported: Path, setup: dict, tmp_path: Path) -> None:
     texts = setup["held_texts"][:3]
     reviews = tmp_path / "reviews.txt"
     reviews.write_text("\n".join(texts[1:]) + "\n\n")
-    proc = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH, str(exported), texts[0], "--file", str(reviews)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-    )
+    proc = run_predict([str(exported), texts[0], "--file", str(reviews)])
     assert proc.returncode == 0, proc.stderr
     assert "TORCH_MODULES []" in proc.stderr
     lines = proc.stdout.strip().splitlines()

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedrnn.config import ConfigError, RunConfig, config_from_dict, load_config
+from fedrnn.config import ConfigError, RunConfig, config_from_dict, load_config, parse_set
 from fedrnn.data.loaders import DataError, Reviews, load_review_file, read_jsonl_gz
 from fedrnn.data.tokenizer import train_tokenizer
 from fedrnn.edge.quantize import QuantizationError, decode, encode
@@ -248,6 +248,22 @@ def test_load_config_from_random_toml(data: dict, junk: str, garble: bool) -> No
             load_config(p)
         except ConfigError as e:
             assert str(p) in str(e)
+
+
+set_keys = st.sampled_from([f"{s}.{k}" for s, keys in SECTIONS.items() for k in keys]) | st.text(max_size=8)
+set_values = config_values.map(_toml_value) | st.text(max_size=12)
+
+
+@FUZZ
+@given(items=st.lists(st.tuples(set_keys, set_values).map("=".join) | st.text(max_size=12), max_size=4))
+def test_set_items_from_random_text(items: list[str]) -> None:
+    """Any --set items give a valid config or a ConfigError that names the --set item at fault."""
+    try:
+        cfg = load_config(None, parse_set(items))
+    except ConfigError as e:
+        assert any(f"--set {item}" in str(e) for item in items), f"error names no --set item of {items}: {e}"
+        return
+    assert isinstance(cfg, RunConfig)
 
 
 def test_huge_integers_are_config_errors() -> None:

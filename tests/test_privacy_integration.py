@@ -316,10 +316,7 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: tuple[Path, d
     config, out = tmp / "dp.toml", tmp / "run"
     config.write_text(E2E_CONFIG.format(rounds=2, client_level=CLIENT_LEVEL))
     _simulate(["--config", str(config), "--teacher", str(tiny_teacher[0]), "--out", str(out)], tmp / "cache")
-    saved = json.loads((out / "config.json").read_text())
-    saved["run"]["rounds"] = 4
-    (out / "config.json").write_text(json.dumps(saved))
-    _simulate(["--resume", str(out)], tmp / "cache")
+    _simulate(["--resume", str(out), "--rounds", "4"], tmp / "cache")
     return out
 
 

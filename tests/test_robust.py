@@ -167,8 +167,6 @@ def test_malicious_set_is_seeded_and_only_they_are_told() -> None:
     out = plugin.configure(round_info(1), list(range(10)), np.random.default_rng(0))
     assert set(out) == set(a) & set(range(10))
     assert all(v == {"attack": "scale", "attack-scale": 5.0} for v in out.values())
-    with pytest.raises(ConfigError, match="attack.clients must be <= run.clients = 5"):
-        plugin.setup(SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(clients=5, seed=0))))
 
 
 def test_poisoned_updates_and_labels() -> None:
@@ -233,6 +231,10 @@ def test_robustness_config_keys_are_checked() -> None:
         ({"attack": {"scale": 0.5}}, "attack.scale must be > 1"),
         ({"robust": {"max_norm_ratio": 0.5}}, "robust.max_norm_ratio must be 0 (off) or >= 1"),
         ({"robust": {"max_update_norm": -1}}, "robust.max_update_norm must be >= 0"),
+        ({"run": {"clients": 5, "clients_per_round": 5}, "attack": {"clients": 6}},
+         "attack.clients must be <= run.clients = 5, got 6"),
+        ({"run": {"clients": 5, "clients_per_round": 5}, "faults": {"hang_clients": [5]}},
+         "faults.*_clients must hold client ids < run.clients = 5, got [5]"),
     ]:
         with pytest.raises(ConfigError) as e:
             config_from_dict(data)

@@ -23,6 +23,10 @@ from fedrnn.data.tokenizer import Encoded
 from fedrnn.model.rnn import ModelConfig, SentimentRNN
 from fedrnn.model.training import length_bucketed_batches, predict_logits, to_tensors
 
+# Where a run directory keeps its student checkpoint. Defined here, not in fedrnn.edge.export, so the
+# ClientApp (through fedrnn.plugins.distill) never imports the ONNX tooling a device does not install.
+STUDENT_SUBDIR = "student"
+
 
 def make_student(
     teacher_cfg: ModelConfig, embed_dim: int = 32, hidden_size: int = 64, num_layers: int = 1, cell: str = "lstm"

@@ -39,6 +39,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from fedrnn.edge.distill import STUDENT_SUBDIR
 from fedrnn.edge.predict import (
     EXPORT_CONFIG,
     EXPORT_FORMAT,
@@ -56,7 +57,6 @@ from fedrnn.model.rnn import SentimentRNN
 
 FLOAT_TOLERANCE = 1e-4  # max |logit difference|, ONNX float32 vs torch
 INT8_PROB_TOLERANCE = 0.05  # max |probability difference|, ONNX int8 vs torch
-STUDENT_SUBDIR = "student"  # where a run directory keeps its student checkpoint
 
 
 class ExportError(ValueError):

@@ -5,6 +5,10 @@ modules this one imports — so the deployable model works on a device with a fe
 spare. Texts go through the same cleaning and tokenization as in training
 (``fedrnn.data.loaders.clean_text``, ``fedrnn.data.tokenizer.encode``). This module also owns the
 layout of an export directory, which ``fedrnn.edge.export`` writes.
+
+``--explain`` adds word-level attributions by occlusion (``fedrnn.edge.explain``: every word masked
+in turn, all variants in one onnxruntime call), coloured in the terminal, with the top words for
+and against the label; ``--html FILE`` also writes them as a web page.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from rich.console import Console
 
 from fedrnn.data.loaders import clean_text
 from fedrnn.data.tokenizer import TokenizerError, encode, load_tokenizer
+from fedrnn.edge.explain import explain, to_html, to_rich
 
 EXPORT_FORMAT = "fedrnn-onnx"
 EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER = "config.json", "model.onnx", "model.int8.onnx", "tokenizer.json"
@@ -75,13 +81,17 @@ class Predictor:
         feed = {"ids": np.ascontiguousarray(ids[:, :width], dtype=np.int64), "lengths": lengths.astype(np.int64)}
         return self.session.run([OUTPUT], feed)[0]
 
+    def probs(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Class probabilities for already-encoded reviews (what ``fedrnn.edge.explain`` masks and re-runs)."""
+        return softmax(self.logits(ids, lengths))
+
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities ``[N, num_classes]`` for raw review texts."""
         out = []
         for start in range(0, len(texts), batch_size):
             chunk = [clean_text(t) for t in texts[start : start + batch_size]]
             enc = encode(self.tokenizer, chunk, np.zeros(len(chunk), dtype=np.int64), self.max_len)
-            out.append(softmax(self.logits(enc.ids, enc.lengths)))
+            out.append(self.probs(enc.ids, enc.lengths))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
 
@@ -96,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("texts", nargs="*", help="reviews to classify")
     parser.add_argument("--file", help="text file with one review per line (blank lines skipped)")
     parser.add_argument("--float", dest="quantized", action="store_false", help="use the float model, not int8")
+    parser.add_argument("--explain", action="store_true", help="show each word's attribution (occlusion)")
+    parser.add_argument("--html", metavar="FILE", help="write the explanations to an HTML file (implies --explain)")
+    parser.add_argument("--top", type=int, default=5, help="how many words for and against the label (default 5)")
     a = parser.parse_intermixed_args(argv)
     texts = list(a.texts)
     if a.file:
@@ -109,10 +122,29 @@ def main(argv: list[str] | None = None) -> None:
         predictor = Predictor(a.export_dir, quantized=a.quantized)
     except PredictError as e:
         sys.exit(f"error: {e}")
+    if a.top < 1:
+        parser.error(f"--top must be >= 1, got {a.top}")
+    if a.explain or a.html:
+        explain_texts(predictor, texts, a.html, a.top)
+        return
     for text, p in zip(texts, predictor.predict_proba(texts), strict=True):
         k = int(p.argmax())
         snippet = " ".join(text.split())
         print(f"{predictor.labels[k]}\t{p[k]:.4f}\t{snippet[:70] + '...' if len(snippet) > 73 else snippet}")
+
+
+def explain_texts(predictor: Predictor, texts: list[str], html_path: str | None, top: int) -> None:
+    """Print each review's occlusion explanation in colour; with ``html_path`` also write them as a page."""
+    console = Console(highlight=False)
+    explanations = []
+    for i, text in enumerate(texts):
+        e = explain(predictor, text)
+        explanations.append(e)
+        console.print(("\n" if i else "") + f"[bold]review {i + 1}[/]")
+        console.print(to_rich(e, top))
+    if html_path:
+        Path(html_path).write_text(to_html(explanations, top), encoding="utf-8")
+        console.print(f"\nwrote {html_path}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Everything a run needs on disk before the ServerApp starts: teacher, target cache, shards."""
+"""Everything a run needs on disk before the ServerApp starts: teacher, target cache, shards.
+
+The files a config names are checked here (``check_files``), not when the config is validated,
+so validating a config never reads a file; a bad file still stops the run before round 1.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from fedrnn.config import RunConfig
+from fedrnn.config import ConfigError, RunConfig
 from fedrnn.data.loaders import Reviews
 from fedrnn.data.partitions import partition_amazon, partition_by_group, save_partitions
 from fedrnn.data.target import load_target, prepare_target
+from fedrnn.devices import DeviceError, load_trace
 from fedrnn.federation.rundir import RunDir
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.pretrain import PretrainConfig, pretrain
@@ -48,8 +53,21 @@ def ensure_teacher(cfg: RunConfig, console: Console) -> str:
     return str(path.resolve())
 
 
+def check_files(cfg: RunConfig) -> None:
+    """The files the config names are readable and fit it: the device trace, with one row per client."""
+    if cfg.devices.enabled and cfg.devices.trace:
+        try:
+            fleet = load_trace(cfg.devices.trace)
+        except DeviceError as e:
+            raise ConfigError(f"devices.trace: {e}", "devices.trace") from None
+        if len(fleet) != cfg.run.clients:
+            raise ConfigError(f"devices.trace: {cfg.devices.trace} has {len(fleet)} clients but "
+                              f"run.clients = {cfg.run.clients}", "devices.trace")
+
+
 def prepare_run(cfg: RunConfig, run_dir: str | Path, console: Console | None = None) -> RunFiles:
     console = console or Console()
+    check_files(cfg)
     teacher = ensure_teacher(cfg, console)
     _, tok, meta = load_checkpoint(teacher)
     target = prepare_target(

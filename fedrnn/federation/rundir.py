@@ -9,6 +9,7 @@ Layout of ``runs/NAME/``::
     state.json + state.safetensors      what resuming needs (round, clocks, strategy moments, ...)
     partitions.npz       the clients' shards (indices into the target pool)
     accuracy.png, loss.png
+    student/, client_state/             the distilled student; int8 error-feedback residuals
 
 Writes are atomic (temp file + rename) and ``state.json`` is written last, so a kill -9 at
 any point leaves the previous round's state intact; metric lines past that round are
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,12 @@ import torch
 
 from fedrnn.io import write_json
 from fedrnn.model.checkpoint import load_tensors, read_json, save_tensors
+
+# Everything a run writes into its directory (a new kind of run file belongs here, so --overwrite clears it).
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "metrics.csv", "clients.jsonl", "summary.json",
+             "state.json", "state.safetensors", "partitions.npz")
+RUN_SUBDIRS = ("checkpoints", "student", "client_state")
+RUN_PLOTS = ("accuracy*.png", "loss*.png")
 
 
 class RunDir:
@@ -37,6 +45,20 @@ class RunDir:
     def create(self, config: dict[str, Any]) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "config.json", config)
+
+    def holds_run(self) -> list[str]:
+        """The files that show a run was started here (empty if none): a new run must not mix with it."""
+        return [name for name in ("config.json", "metrics.jsonl") if (self.path / name).is_file()]
+
+    def clear(self) -> None:
+        """Delete a previous run's files (only those; anything else in the directory stays)."""
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for name in RUN_SUBDIRS:
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        for pattern in RUN_PLOTS:
+            for plot in self.path.glob(pattern):
+                plot.unlink()
 
     @property
     def metrics_path(self) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message
 
-from fedrnn.config import ATTACKS, AttackSection, ConfigError
+from fedrnn.config import ATTACKS, AttackSection
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.federation.messages import Attack
 from fedrnn.federation.plugin import RoundInfo, RoundPlugin, RunContext
@@ -40,9 +40,7 @@ class AttackSimulation(RoundPlugin):
         self.cfg = cfg
 
     def setup(self, ctx: RunContext) -> None:
-        run = ctx.cfg.run
-        if self.cfg.clients > run.clients:
-            raise ConfigError(f"attack.clients must be <= run.clients = {run.clients}, got {self.cfg.clients}")
+        run = ctx.cfg.run  # attack.clients <= run.clients is checked by the config
         self.malicious = set(malicious_clients(run.clients, self.cfg.clients, run.seed))
         self.round_attackers: list[int] = []
 

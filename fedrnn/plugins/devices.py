@@ -79,10 +79,7 @@ class DeviceSimulation(RoundPlugin):
         self.ctx = ctx
         run, c = ctx.cfg.run, ctx.cfg.client
         if self.cfg.trace:
-            self.fleet = load_trace(self.cfg.trace)
-            if len(self.fleet) != run.clients:
-                raise ValueError(f"devices.trace {self.cfg.trace} has {len(self.fleet)} clients but "
-                                 f"run.clients = {run.clients}")
+            self.fleet = load_trace(self.cfg.trace)  # checked against run.clients by prepare_run
         else:
             self.fleet = Fleet.from_mix(run.clients, self.cfg.mix, seed=run.seed,
                                         networks=self.cfg.network or self.cfg.network_mix or None,

@@ -35,8 +35,7 @@ from fedrnn.config import DistillSection
 from fedrnn.data.loaders import load_imdb
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.data.tokenizer import encode as encode_texts
-from fedrnn.edge.distill import distill, make_student
-from fedrnn.edge.export import STUDENT_SUBDIR
+from fedrnn.edge.distill import STUDENT_SUBDIR, distill, make_student
 from fedrnn.edge.quantize import decode, encode
 from fedrnn.federation.local import local_evaluate
 from fedrnn.federation.messages import ARRAYS, CONFIG, METRICS, EvalReport, Student, TrainReport

@@ -39,10 +39,6 @@ SUMMARY = "summary.json"
 RoundHook = Callable[[dict[str, Any]], None]
 
 
-class RunExistsError(FileExistsError):
-    """A new run was asked for in a directory that already holds one."""
-
-
 @dataclass
 class Run:
     """A run directory with its resolved config; ``files`` once prepared."""
@@ -74,14 +70,6 @@ def open_run(path: str | Path, cfg: RunConfig | None = None) -> Run:
         raise FileNotFoundError(f"{rd.path}: no config.json there; is it a fedrnn run directory?")
     rd.create(cfg.to_dict())
     return Run(cfg, rd)
-
-
-def new_run(path: str | Path, cfg: RunConfig) -> Run:
-    """A new run of ``cfg``; refuses a directory that already holds one."""
-    rd = RunDir(path)
-    if (rd.path / "config.json").is_file() or rd.metrics_path.is_file():
-        raise RunExistsError(f"{rd.path} already holds a run; resume it or choose another directory")
-    return open_run(path, cfg)
 
 
 def prepare(run: Run, console: Console | None = None) -> Run:

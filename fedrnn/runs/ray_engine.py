@@ -29,6 +29,9 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
             "init_args": init}
 
 
+START_ATTEMPTS = 3  # Ray's local node start, on a machine so busy that its raylet misses Ray's 30 s window
+
+
 def start_ray(cfg: RunConfig, verbose: bool = False) -> None:
     """Start (or attach to) Ray now, as Flower's Ray backend would, so its start-up overlaps ours.
 
@@ -54,11 +57,19 @@ def start_ray(cfg: RunConfig, verbose: bool = False) -> None:
     if not verbose:
         init |= {"logging_level": logging.ERROR, "log_to_driver": False}
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(
-        runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": preload_client_app},
-        include_dashboard=False,
-        **init,
-    )
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(
+                runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": preload_client_app},
+                include_dashboard=False,
+                **init,
+            )
+            return
+        except Exception as e:  # Ray raises a bare Exception when its raylet misses a fixed 30 s start window
+            if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            ray.shutdown()
+            logging.getLogger(__name__).warning("Ray's node did not start within 30 s (a busy machine?); retrying")
 
 
 def preload_client_app() -> None:

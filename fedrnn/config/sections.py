@@ -1,23 +1,23 @@
 """Run configuration: TOML files in ``configs/`` plus command-line overrides, all validated.
 
-Every value is checked where it is read; an error names the key (``client.lr``) and says
-what was wrong, so a typo in a 40-line config never surfaces as a stack trace mid-run.
+Layers, last wins: the dataclass defaults, the TOML file (after the files it ``extends``), then
+overrides (``--set section.key=value`` and the named flags of ``python -m fedrnn.simulate``).
+Every value is checked, cross-field rules included, before anything runs; an error names the key
+(``client.lr``), what was wrong, and where the value came from (the file that set it, or the
+command-line flag), so a typo never surfaces as a stack trace mid-run. Validation reads no files:
+the files a config names (a device trace) are checked where the run is prepared
+(``fedrnn.federation.prepare.check_files``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import reprlib
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fedrnn.devices import NETWORKS, PROFILES, DeviceError, load_trace
+from fedrnn.devices import NETWORKS, PROFILES
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
 from fedrnn.model.rnn import CELLS, TRANSFER_MODES
 
@@ -31,7 +31,15 @@ CLIENT_DP = ("off", "fixed", "adaptive")
 
 
 class ConfigError(ValueError):
-    """A configuration value or file is invalid; the message names the key or file."""
+    """A configuration value or file is invalid; the message names the key or file.
+
+    ``key`` is the dotted key (or ``a/b`` for a rule over two keys, or a section) the error is
+    about, so ``load_config`` can say which layer set it.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _show(value: Any) -> str:
@@ -43,7 +51,7 @@ def _show(value: Any) -> str:
 
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
     if not cond:
-        raise ConfigError(f"{key} {msg}, got {_show(value)}")
+        raise ConfigError(f"{key} {msg}, got {_show(value)}", key)
 
 
 @dataclass
@@ -183,11 +191,6 @@ class DevicesSection:
         _check(0 <= self.start_hour < 24, "devices.start_hour", "must be in [0, 24)", self.start_hour)
         _check(self.availability in ("", *AVAILABILITY_KINDS), "devices.availability",
                f"must be \"\" or one of {AVAILABILITY_KINDS}", self.availability)
-        if self.trace:
-            try:
-                load_trace(Path(self.trace))
-            except DeviceError as e:
-                raise ConfigError(f"devices.trace: {e}") from None
         _check(self.policy in DEADLINE_POLICIES, "devices.policy", f"must be one of {DEADLINE_POLICIES}", self.policy)
         _check(self.policy == "wait" or self.deadline_s > 0, "devices.deadline_s",
                f"must be > 0 with policy {self.policy!r}", self.deadline_s)
@@ -379,93 +382,16 @@ class RunConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def validate(self) -> RunConfig:
+        """Each section's own checks, then the rules that span sections."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         self.privacy.check_strategy(self.run.strategy)
+        _check(self.attack.clients <= self.run.clients, "attack.clients",
+               f"must be <= run.clients = {self.run.clients}", self.attack.clients)
+        named = self.faults.raise_clients + self.faults.hang_clients + self.faults.crash_clients
+        _check(all(c < self.run.clients for c in named), "faults.*_clients",
+               f"must hold client ids < run.clients = {self.run.clients}", named)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check a TOML value against a field's type; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        hint = args[0]
-    if typing.get_origin(hint) is dict:
-        _check(isinstance(value, dict), key, "must be a table", value)
-        return {str(k): _coerce(f"{key}.{k}", v, typing.get_args(hint)[1]) for k, v in value.items()}
-    if typing.get_origin(hint) is list:
-        _check(isinstance(value, list), key, "must be a list", value)
-        return [_coerce(f"{key}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(value)]
-    if hint is bool:
-        _check(isinstance(value, bool), key, "must be true or false", value)
-    elif hint is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
-    elif hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
-        _check(not isinstance(value, int) or abs(value) <= 2**1000, key, "must be finite", value)  # float() overflows
-        value = float(value)
-        _check(math.isfinite(value), key, "must be finite", value)
-    elif hint is str:
-        _check(isinstance(value, str), key, "must be a string", value)
-    return value
-
-
-def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
-    hints = typing.get_type_hints(type(section_obj))
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key {section}.{key}; known keys: {', '.join(sorted(hints))}")
-        setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
-
-
-def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Overlay a nested dict (as parsed from TOML) onto ``base`` (default: defaults); validates."""
-    cfg = dataclasses.replace(base) if base else RunConfig()
-    cfg = RunConfig(**{f.name: dataclasses.replace(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
-    sections = {f.name for f in dataclasses.fields(cfg)}
-    for section, values in data.items():
-        if section not in sections:
-            raise ConfigError(f"unknown config section [{section}]; known sections: {', '.join(sorted(sections))}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table of key = value pairs, got {_show(values)}")
-        _apply(getattr(cfg, section), section, values)
-    return cfg.validate()
-
-
-def dump_toml(data: dict[str, dict[str, Any]]) -> str:
-    """TOML text of ``{section: {key: value}}``, the inverse of what ``load_config`` reads.
-
-    Values are numbers, strings, booleans, lists of those, or flat tables (written inline,
-    as ``mix = { rpi4 = 0.5 }``); JSON's spelling of these is valid TOML.
-    """
-
-    def value(v: Any) -> str:
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{json.dumps(str(k))} = {value(x)}" for k, x in v.items()) + " }"
-        return json.dumps(v)
-
-    return "".join(f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n" for s, kv in data.items())
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the TOML file, then ``overrides`` (``{"run": {"clients": 10}}``)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid TOML ({e})") from e
-    try:
-        cfg = config_from_dict(data)
-        return config_from_dict(overrides or {}, cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
