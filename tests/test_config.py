@@ -258,4 +258,4 @@ def test_resume_does_not_stretch_a_privacy_plan(tmp_path: Path) -> None:
     out = tmp_path / "dp-planned"
     _new_run(out, "--set", "privacy.record_level=true", "--set", "privacy.target_epsilon=8",
              "--set", "privacy.planned_rounds=10")
-    assert resume_run(parse_args(["--resume", str(out), "--rounds", "4"]))[1].run.rounds == 4
+    assert resume_run(parse_args(["--resume", str(out), "--rounds", "4"])).cfg.run.rounds == 4
