@@ -47,7 +47,7 @@ def test_a_run_whose_clients_all_fail_exits_non_zero_quoting_the_client_error(
 def test_ctrl_c_stops_at_once_prints_the_resume_command_and_resume_finishes_the_run(
         tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
     config, env = tiny_config(tmp_path, tiny_teacher[0]), run_env(tmp_path)
-    args = ("--config", str(config), "--rounds", "2")
+    args = ("--config", str(config), "--rounds", "3")
     reference = simulate(env, *args, "--out", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
@@ -58,7 +58,7 @@ def test_ctrl_c_stops_at_once_prints_the_resume_command_and_resume_finishes_the_
                                 env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
-        while "round   1/2" not in log.read_text() and proc.poll() is None:
+        while "round   1/3" not in log.read_text() and proc.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -80,4 +80,4 @@ def test_ctrl_c_stops_at_once_prints_the_resume_command_and_resume_finishes_the_
     got, want = RunDir(out).read_metrics(), RunDir(tmp_path / "reference").read_metrics()
     assert [{k: r.get(k) for k in keys} for r in got] == [{k: r.get(k) for k in keys} for r in want]
     clients = (out / "clients.jsonl").read_text().splitlines()
-    assert len(clients) == 2 * 4  # no round twice, none missing
+    assert len(clients) == 3 * 4  # no round twice, none missing
