@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedrnn.data.loaders import clean_text  # noqa: E402
+from fedrnn.data.reviews import clean_text  # noqa: E402
 from fedrnn.edge.explain import explain, segment  # noqa: E402
 from fedrnn.edge.predict import Predictor  # noqa: E402
 from fedrnn.explain.samples import imdb_test_sample  # noqa: E402

@@ -31,8 +31,8 @@ from fedrnn.config import (
     load_config,
     parse_set,
 )
-from fedrnn.data.loaders import DataError
-from fedrnn.data.partitions import PartitionError
+from fedrnn.data.partitions import PARTITIONS, PartitionError
+from fedrnn.data.reviews import DataError
 from fedrnn.federation.prepare import check_files
 from fedrnn.federation.rundir import RunDir
 from fedrnn.io import write_json
@@ -49,8 +49,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.t
 
 
 # The named flags: shorthands for the most-used [run] keys (any key: --set), validated like the file's values.
-RUN_FLAGS = ("clients", "rounds", "clients_per_round", "alpha", "mode", "strategy", "target", "seed", "teacher",
-             "data_dir")
+RUN_FLAGS = ("clients", "rounds", "clients_per_round", "alpha", "mode", "strategy", "target", "partition",
+             "partition_column", "seed", "teacher", "data_dir")
 
 
 def _config_keys() -> str:
@@ -81,7 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, help="run.alpha: Dirichlet label-skew concentration (smaller: more skew)")
     p.add_argument("--mode", choices=TRANSFER_MODES, help="run.mode: which teacher layers the clients train")
     p.add_argument("--strategy", choices=STRATEGIES, help="run.strategy: aggregation rule")
-    p.add_argument("--target", metavar="NAME", help=f"run.target: target data set, one of {', '.join(TARGETS)}")
+    p.add_argument("--target", metavar="NAME|FILE", help=f"run.target: target data set, one of {', '.join(TARGETS)}, "
+                                                          "or a labelled .jsonl(.gz)/.csv/.tsv file")
+    p.add_argument("--partition", choices=PARTITIONS, help="run.partition: clients by a column's values (natural), "
+                                                           "label skew (dirichlet) or size skew (quantity)")
+    p.add_argument("--partition-column", metavar="COLUMN", help="run.partition_column: the natural partition's column "
+                                                                "(default: run.group_column)")
     p.add_argument("--seed", type=int, help="run.seed: seed of partitions, sampling and training")
     p.add_argument("--teacher", metavar="DIR", help="run.teacher: teacher checkpoint directory "
                                                     "(default: cache/teacher)")

@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrnn.runs.prepare import cache_dir  # noqa: E402
 
-from fedrnn.data.loaders import AMAZON_CATEGORIES, Reviews  # noqa: E402
+from fedrnn.data.loaders import AMAZON_CATEGORIES  # noqa: E402
+from fedrnn.data.reviews import Reviews  # noqa: E402
 from fedrnn.edge.explain import ProbFn, Segmented, explain, occlusion, segment, to_html, to_rich  # noqa: E402
 from fedrnn.edge.predict import Predictor  # noqa: E402
 from fedrnn.explain.attribution import load_model  # noqa: E402

@@ -34,7 +34,8 @@ TINY_MODEL = ModelConfig(vocab_size=2000, embed_dim=24, hidden_size=24, num_laye
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, dict]:
     """A 2-layer LSTM pretrained for seconds on 3,000 IMDB reviews (checkpoint dir, metrics)."""
     out = tmp_path_factory.mktemp("teacher")
-    cfg = PretrainConfig(
+    # the previous recipe (whole reviews only): pinned metrics of tiny runs were recorded with this teacher
+    cfg = PretrainConfig.previous(
         model=TINY_MODEL, max_len=128, epochs=3, batch_size=32, lr=5e-3, train_limit=3000, eval_limit=1000, seed=0
     )
     metrics = pretrain(cfg, out, str(data_dir), quiet=True)

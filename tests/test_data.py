@@ -12,15 +12,14 @@ import pytest
 
 from fedrnn.data.loaders import (
     AMAZON_CATEGORIES,
-    DataError,
     amazon_split,
-    clean_text,
     imdb_validation_split,
     load_amazon,
     load_imdb,
     load_review_file,
     resolve_data_dir,
 )
+from fedrnn.data.reviews import DataError, clean_text
 
 
 def test_imdb_counts(data_dir: Path) -> None:

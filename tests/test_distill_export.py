@@ -264,3 +264,34 @@ def test_predict_command_reports_a_missing_export(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0 and "config.json does not exist" in proc.stderr
 
+
+
+def _missing_provider() -> str:
+    """A provider onnxruntime knows but this build lacks (a CPU build lacks CUDA, TensorRT, CoreML...)."""
+    import onnxruntime as ort
+
+    missing = [p for p in ort.get_all_providers() if p not in ort.get_available_providers()]
+    if not missing:
+        pytest.skip("every provider onnxruntime knows is installed")
+    return missing[0]
+
+
+def test_predictor_falls_back_to_cpu_when_a_provider_is_missing(exported: Path, setup: dict) -> None:
+    missing = _missing_provider()
+    short = missing.removesuffix("ExecutionProvider").lower()
+    with pytest.warns(RuntimeWarning, match=f"{missing} is not available .*falling back to CPUExecutionProvider"):
+        fallback = Predictor(exported, provider=short)
+    assert fallback.provider == "CPUExecutionProvider" == Predictor(exported, provider="cpu").provider
+    texts = setup["held_texts"][:4]
+    np.testing.assert_allclose(fallback.predict_proba(texts), Predictor(exported).predict_proba(texts), atol=1e-6)
+    with pytest.raises(PredictError, match="unknown execution provider 'warp'; onnxruntime knows .*CUDA"):
+        Predictor(exported, provider="warp")
+
+
+def test_predict_command_reports_the_provider_it_used(exported: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedrnn.edge.predict import main as predict_main
+
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        predict_main([str(exported), "a wonderful film", "--provider", _missing_provider()])
+    captured = capsys.readouterr()
+    assert "provider: CPUExecutionProvider" in captured.err and len(captured.out.strip().splitlines()) == 1

@@ -11,7 +11,8 @@ import torch
 from processes import run_predict
 from safetensors.torch import save_file
 
-from fedrnn.data.loaders import clean_text, load_imdb
+from fedrnn.data.loaders import load_imdb
+from fedrnn.data.reviews import clean_text
 from fedrnn.data.tokenizer import PAD_ID, encode
 from fedrnn.edge.explain import Explanation, explain, mask_words, occlusion, scatter, segment, to_html, to_rich
 from fedrnn.edge.predict import Predictor

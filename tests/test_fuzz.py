@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedrnn.config import ConfigError, RunConfig, config_from_dict, load_config, parse_set
-from fedrnn.data.loaders import DataError, Reviews, load_review_file, read_jsonl_gz
+from fedrnn.data.loaders import load_review_file
+from fedrnn.data.reviews import DataError, Reviews, read_jsonl_gz
 from fedrnn.data.tokenizer import train_tokenizer
 from fedrnn.edge.quantize import QuantizationError, decode, encode
 from fedrnn.federation.wire import to_record

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrnn.data.loaders import AMAZON_CATEGORIES, Reviews, amazon_split, load_amazon
+from fedrnn.data.loaders import AMAZON_CATEGORIES, amazon_split, load_amazon
 from fedrnn.data.partitions import (
     PartitionError,
     load_partitions,
@@ -16,6 +16,7 @@ from fedrnn.data.partitions import (
     save_partitions,
     split_holdout,
 )
+from fedrnn.data.reviews import Reviews
 
 
 @pytest.fixture(scope="module")

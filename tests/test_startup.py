@@ -40,7 +40,7 @@ def test_start_ray_local_loopback_and_preloaded_workers() -> None:
     code = """
 import json
 from fedrnn.config import load_config
-from fedrnn.simulate import start_ray
+from fedrnn.runs.ray_engine import start_ray
 start_ray(load_config("configs/tiny.toml"))
 import ray
 

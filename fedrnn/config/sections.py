@@ -17,6 +17,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedrnn.data.partitions import PARTITIONS
+from fedrnn.data.reviews import TABLE_SUFFIXES
 from fedrnn.devices import NETWORKS, PROFILES
 from fedrnn.devices.availability import KINDS as AVAILABILITY_KINDS
 from fedrnn.model.rnn import CELLS, TRANSFER_MODES
@@ -69,13 +71,33 @@ class RunSection:
     min_client_examples: int = 4
     init: str = "teacher"  # teacher | scratch (random weights: the no-transfer baseline, mode "full")
     data_fraction: float = 1.0  # share of the target pool given to clients (data-per-client sweeps)
+    # A file target (run.target = "path/to/file.jsonl.gz|.jsonl|.csv|.tsv"): its columns and split.
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str = "group"  # per-group test split and accuracy; a missing column = one group
+    classes: list[str] = field(default_factory=list)  # label values in class-id order; [] = from the file
+    test_fraction: float = 0.2  # of each (group, class), carved with a fixed seed
+    partition: str = ""  # natural | dirichlet | quantity; "" = the target's own (amazon, imdb) or natural (file)
+    partition_column: str = ""  # natural partitioning's column; "" = run.group_column
+    quantity_sigma: float = 1.0  # partition = quantity: log-normal sigma of client sizes
 
     def validate(self) -> None:
         _check(self.clients >= 1, "run.clients", "must be >= 1", self.clients)
         _check(self.rounds >= 1, "run.rounds", "must be >= 1", self.rounds)
         _check(1 <= self.clients_per_round <= self.clients, "run.clients_per_round",
                f"must be in [1, run.clients={self.clients}]", self.clients_per_round)
-        _check(self.target in TARGETS, "run.target", f"must be one of {TARGETS}", self.target)
+        _check(self.target in TARGETS or self.target.lower().endswith(TABLE_SUFFIXES), "run.target",
+               f"must be one of {TARGETS} or a labelled file ending in {', '.join(TABLE_SUFFIXES)}", self.target)
+        for key in ("text_column", "label_column", "group_column"):
+            _check(bool(getattr(self, key)), f"run.{key}", "must name a column", getattr(self, key))
+        _check(len(set(self.classes)) == len(self.classes) != 1, "run.classes",
+               "must list at least two distinct class names (or none)", self.classes)
+        _check(0 < self.test_fraction < 1, "run.test_fraction", "must be in (0, 1)", self.test_fraction)
+        _check(self.partition in ("", *PARTITIONS), "run.partition", f"must be \"\" or one of {PARTITIONS}",
+               self.partition)
+        _check(self.target not in TARGETS or self.partition_column in ("", "group"), "run.partition_column",
+               f"must be \"\" or \"group\" with run.target = {self.target!r}", self.partition_column)
+        _check(self.quantity_sigma > 0, "run.quantity_sigma", "must be > 0", self.quantity_sigma)
         _check(self.alpha > 0 and math.isfinite(self.alpha), "run.alpha", "must be a finite number > 0", self.alpha)
         _check(self.mode in TRANSFER_MODES, "run.mode", f"must be one of {TRANSFER_MODES}", self.mode)
         _check(self.strategy in STRATEGIES, "run.strategy", f"must be one of {STRATEGIES}", self.strategy)
@@ -143,9 +165,13 @@ class SimulationSection:
     actors: int = 2  # concurrent ClientApp workers (Ray actors)
     threads_per_actor: int = 1  # torch intra-op threads in each worker
     ray_address: str = ""  # "" = start a local Ray; "auto" or "HOST:PORT" attaches to a cluster
+    gpus_per_actor: float = 0.0  # Ray num_gpus of each ClientApp worker (e.g. 0.25: four share a GPU); needs CUDA
 
     def validate(self) -> None:
         _check(self.actors >= 1, "simulation.actors", "must be >= 1", self.actors)
+        _check(isinstance(self.gpus_per_actor, (int, float)) and not isinstance(self.gpus_per_actor, bool)
+               and 0 <= self.gpus_per_actor <= 1, "simulation.gpus_per_actor", "must be in [0, 1]",
+               self.gpus_per_actor)
         _check(self.threads_per_actor >= 1, "simulation.threads_per_actor", "must be >= 1", self.threads_per_actor)
 
 
@@ -367,6 +393,24 @@ class TrackingSection:
 
 
 @dataclass
+class PersonalizeSection:
+    """After the last round each client fine-tunes the head on its own data (``fedrnn.plugins.personalize``).
+
+    Every run reports the per-client accuracy distribution on the clients' held-out data; with
+    head_epochs > 0 also after each client's own head fine-tuning.
+    """
+
+    head_epochs: int = 0  # 0 = report the global model's per-client accuracy only
+    lr: float = 5e-3
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        _check(self.head_epochs >= 0, "personalize.head_epochs", "must be >= 0", self.head_epochs)
+        _check(0 < self.lr < 10, "personalize.lr", "must be in (0, 10)", self.lr)
+        _check(self.batch_size >= 1, "personalize.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     client: ClientSection = field(default_factory=ClientSection)
@@ -380,6 +424,7 @@ class RunConfig:
     faults: FaultsSection = field(default_factory=FaultsSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    personalize: PersonalizeSection = field(default_factory=PersonalizeSection)
 
     def validate(self) -> RunConfig:
         """Each section's own checks, then the rules that span sections."""

@@ -33,6 +33,8 @@ API (what the server calls, in round order)
     each for ``steps`` steps, then advances ``sim_time += plan.duration_s``.
 ``summarize_by_class(plans)`` -> per-device-class participation, time and bytes (JSON-ready).
 ``estimate_training_memory(model_cfg, mode, batch_size, seq_len, optimizer, dp)`` -> bytes.
+``estimate_inference_memory(model_cfg, seq_len, model_file_bytes, tokenizer_bytes)`` -> bytes the
+    exported student needs to classify one review (the edge search's RAM budget check).
 """
 
 from fedrnn.devices.availability import (
@@ -56,6 +58,7 @@ from fedrnn.devices.memory import (
     OPTIMIZER_STATE_SLOTS,
     MemoryDecision,
     adapt_to_memory,
+    estimate_inference_memory,
     estimate_training_memory,
     memory_breakdown,
 )
@@ -90,6 +93,7 @@ __all__ = [
     "RoundPlan",
     "TraceWindows",
     "adapt_to_memory",
+    "estimate_inference_memory",
     "estimate_training_memory",
     "load_trace",
     "make_availability",

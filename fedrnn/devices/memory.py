@@ -165,3 +165,28 @@ def adapt_to_memory(
         f"needs at least {smallest} B (feature-extraction, batch {ladder[-1]}) > {ram_bytes:.0f} B",
     )
 
+
+
+ORT_RUNTIME_BYTES = 74 * 2**20
+"""Measured on this host (VmRSS, /proc/self/status): a Python process that imported numpy,
+onnxruntime and tokenizers holds 68 MiB, and creating a one-thread CPU session for a tiny
+exported student adds about 6 MiB; the predictor's fixed cost before any weight."""
+
+
+def estimate_inference_memory(model_cfg: Any, seq_len: int, model_file_bytes: int, tokenizer_bytes: int = 0) -> int:
+    """Bytes the torch-free predictor (``fedrnn.edge.predict``) needs for one review at a time.
+
+    The runtime's fixed cost (:data:`ORT_RUNTIME_BYTES`), the model file (onnxruntime keeps its
+    initializers once: int8 weights for an int8 model), the tokenizer file (held parsed, counted
+    at its file size) and the float32 activations of one ``seq_len``-token review: the embedded
+    sequence, each layer's gate pre-activations and states (LSTM 4 gates + h, c; GRU 3 gates +
+    h), and the pooled features. Unlike training, nothing is kept for a backward pass.
+    """
+    if seq_len < 1 or model_file_bytes < 0 or tokenizer_bytes < 0:
+        raise DeviceError(f"seq_len must be >= 1 and byte counts >= 0, got {seq_len}, {model_file_bytes}, "
+                          f"{tokenizer_bytes}")
+    directions = 2 if model_cfg.bidirectional else 1
+    per_layer = (6 if model_cfg.cell == "lstm" else 4) * model_cfg.hidden_size * directions
+    per_token = model_cfg.embed_dim + model_cfg.num_layers * per_layer
+    pooled = 2 * model_cfg.hidden_size * directions
+    return ORT_RUNTIME_BYTES + model_file_bytes + tokenizer_bytes + FLOAT_BYTES * (seq_len * per_token + pooled)

@@ -102,7 +102,9 @@ def distill(
     Labels in ``transfer`` are ignored unless ``hard_label_weight`` > 0, in which case rows
     with a label >= 0 add ``w * CE`` to ``(1 - w) * KD`` (unlabelled rows carry label -1).
     Teacher logits are computed per batch under ``no_grad``; pass ``teacher_logits`` (one
-    row per transfer review, e.g. from ``dataset_logits``) to reuse cached targets instead.
+    row per transfer review, e.g. from ``dataset_logits``) to reuse cached targets instead;
+    then the student may read another tokenizer's ids than the teacher (a pruned vocabulary),
+    as long as row ``i`` of ``transfer`` is the same review the targets were computed on.
     Batches are drawn with ``rng``, so each call sees a fresh random subsample of a large
     transfer set; the student's dropout is seeded from ``rng`` too, without touching the
     global torch RNG, so a call is reproducible from its ``rng``.
@@ -181,7 +183,7 @@ def _check_args(
         raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight}")
     if len(transfer) == 0:
         raise ValueError("the transfer set is empty")
-    for i, t in enumerate(teachers):
+    for i, t in enumerate(teachers if teacher_logits is None else []):  # cached targets: any tokenizer will do
         cfg = getattr(t, "cfg", None)
         if cfg is not None and (cfg.vocab_size, cfg.num_classes) != (student.cfg.vocab_size, student.cfg.num_classes):
             raise ValueError(

@@ -28,7 +28,7 @@ import numpy as np
 from rich.text import Text
 from tokenizers import Tokenizer
 
-from fedrnn.data.loaders import clean_text
+from fedrnn.data.reviews import clean_text
 from fedrnn.data.tokenizer import PAD_ID, UNK
 
 MASK_ID = PAD_ID

@@ -48,6 +48,7 @@ from fedrnn.edge.predict import (
     INT8_MODEL,
     LABELS,
     OUTPUT,
+    PredictError,
     Predictor,
     softmax,
 )
@@ -138,8 +139,14 @@ def parity(model: SentimentRNN, predictor: Predictor, batches: list[tuple[np.nda
     }
 
 
-def export_student(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Export a checkpoint (or a run dir's ``student/``) to ``out``; returns the written config."""
+def export_student(
+    checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], provider: str | None = None
+) -> dict[str, Any]:
+    """Export a checkpoint (or a run dir's ``student/``) to ``out``; returns the written config.
+
+    ``provider``: the onnxruntime execution provider the parity check runs on (CPU by default,
+    with a warning and CPU if it is not installed); the config records the one used.
+    """
     src = resolve_checkpoint(checkpoint)
     model, _, ckpt_cfg = load_checkpoint(src)
     d = Path(out)
@@ -153,9 +160,11 @@ def export_student(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
     }
     write_json(d / EXPORT_CONFIG, cfg)  # Predictor reads it; parity results are added below
     batches = parity_inputs(model.cfg.vocab_size, ckpt_cfg["max_len"])
+    float_pred, int8_pred = Predictor(d, quantized=False, provider=provider), Predictor(d, provider=provider)
     cfg["parity"] = {
-        "float": parity(model, Predictor(d, quantized=False), batches),
-        "int8": parity(model, Predictor(d, quantized=True), batches),
+        "provider": float_pred.provider,
+        "float": parity(model, float_pred, batches),
+        "int8": parity(model, int8_pred, batches),
         "float_tolerance_logit": FLOAT_TOLERANCE,
         "int8_tolerance_prob": INT8_PROB_TOLERANCE,
     }
@@ -191,15 +200,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint directory, or a run directory containing student/")
     parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument("--provider", default=None,
+                        help="onnxruntime execution provider for the parity check (default cpu; falls back to CPU)")
     a = parser.parse_args(argv)
     try:
-        cfg = export_student(a.checkpoint, a.out)
-    except (ExportError, CheckpointError) as e:
+        cfg = export_student(a.checkpoint, a.out, provider=a.provider)
+    except (ExportError, CheckpointError, PredictError) as e:
         raise SystemExit(f"error: {e}") from e
     fp, q8, b = cfg["parity"]["float"], cfg["parity"]["int8"], cfg["bytes"]
     print(f"wrote {a.out}: {FLOAT_MODEL} {b[FLOAT_MODEL]:,} B, {INT8_MODEL} {b[INT8_MODEL]:,} B; "
           f"float max |logit diff| {fp['max_abs_logit_diff']:.2e}; int8 max |prob diff| "
-          f"{q8['max_abs_prob_diff']:.3f}, argmax agreement {q8['argmax_agreement']:.3f} (random token inputs)")
+          f"{q8['max_abs_prob_diff']:.3f}, argmax agreement {q8['argmax_agreement']:.3f} (random token inputs); "
+          f"provider {cfg['parity']['provider']}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from rich.console import Console
 
-from fedrnn.data.loaders import clean_text
+from fedrnn.data.reviews import clean_text
 from fedrnn.data.tokenizer import TokenizerError, encode, load_tokenizer
 from fedrnn.edge.explain import explain, to_html, to_rich
 
@@ -32,19 +33,47 @@ EXPORT_FORMAT = "fedrnn-onnx"
 EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER = "config.json", "model.onnx", "model.int8.onnx", "tokenizer.json"
 INPUTS, OUTPUT = ("ids", "lengths"), "logits"
 LABELS = ("negative", "positive")
+CPU_PROVIDER = "CPUExecutionProvider"
 
 
 class PredictError(ValueError):
     """An export directory is missing, incomplete or not a fedrnn export."""
 
 
+def resolve_provider(name: str | None) -> str:
+    """The onnxruntime execution provider to use for ``name``; CPU, with a warning, if it is not installed.
+
+    ``name`` is a provider's full name (``CUDAExecutionProvider``) or its short form (``cuda``,
+    ``tensorrt``, ``xnnpack``, ``coreml``, ``nnapi``...), matched case-insensitively against every
+    provider onnxruntime knows. A name it does not know at all is an error (a typo should not
+    silently run on the CPU); a known one that this build of onnxruntime lacks falls back.
+    """
+    if name is None:
+        return CPU_PROVIDER
+    wanted = name.lower().removesuffix("executionprovider")
+    known = {p.lower().removesuffix("executionprovider"): p for p in ort.get_all_providers()}
+    if wanted not in known:
+        raise PredictError(f"unknown execution provider {name!r}; onnxruntime knows {', '.join(known.values())}")
+    provider = known[wanted]
+    available = ort.get_available_providers()
+    if provider not in available:
+        warnings.warn(f"execution provider {provider} is not available in this onnxruntime (available: "
+                      f"{', '.join(available)}); falling back to {CPU_PROVIDER}", RuntimeWarning, stacklevel=2)
+        return CPU_PROVIDER
+    return provider
+
+
 class Predictor:
     """An exported student loaded into onnxruntime, with its tokenizer and ``max_len``.
 
     ``threads`` sets onnxruntime's intra-op threads (``None``: its default, all cores).
+    ``provider`` picks the execution provider (:func:`resolve_provider`; CPU by default); the
+    session keeps CPU as the fallback for operators the provider cannot run, and ``provider``
+    afterwards names the one the session really uses first.
     """
 
-    def __init__(self, export_dir: str | os.PathLike[str], quantized: bool = True, threads: int | None = None) -> None:
+    def __init__(self, export_dir: str | os.PathLike[str], quantized: bool = True, threads: int | None = None,
+                 provider: str | None = None) -> None:
         d = Path(export_dir)
         cfg_path = d / EXPORT_CONFIG
         if not cfg_path.is_file():
@@ -73,7 +102,10 @@ class Predictor:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        wanted = resolve_provider(provider)
+        providers = [wanted] if wanted == CPU_PROVIDER else [wanted, CPU_PROVIDER]
+        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        self.provider: str = self.session.get_providers()[0]
 
     def logits(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Raw logits for already-encoded reviews (int ids ``[N, L]``, true lengths ``[N]``)."""
@@ -109,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--explain", action="store_true", help="show each word's attribution (occlusion)")
     parser.add_argument("--html", metavar="FILE", help="write the explanations to an HTML file (implies --explain)")
     parser.add_argument("--top", type=int, default=5, help="how many words for and against the label (default 5)")
+    parser.add_argument("--provider", default=None,
+                        help=f"onnxruntime execution provider, e.g. cuda, tensorrt, xnnpack, coreml, nnapi (default: "
+                        f"cpu; installed here: {', '.join(ort.get_available_providers())}); falls back to CPU")
     a = parser.parse_intermixed_args(argv)
     texts = list(a.texts)
     if a.file:
@@ -119,9 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     if not texts:
         parser.error("give review texts as arguments or --file")
     try:
-        predictor = Predictor(a.export_dir, quantized=a.quantized)
+        predictor = Predictor(a.export_dir, quantized=a.quantized, provider=a.provider)
     except PredictError as e:
         sys.exit(f"error: {e}")
+    print(f"provider: {predictor.provider}", file=sys.stderr)
     if a.top < 1:
         parser.error(f"--top must be >= 1, got {a.top}")
     if a.explain or a.html:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from fedrnn.data.loaders import DataError, load_review_file
+from fedrnn.data.loaders import load_review_file
+from fedrnn.data.reviews import DataError
 from fedrnn.edge.explain import Explanation, to_html, to_rich
 from fedrnn.explain.attribution import IG_STEPS, METHODS, TorchModel, explain, load_model
 from fedrnn.model.checkpoint import CheckpointError

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrnn.data.loaders import AMAZON_CATEGORIES, Reviews, amazon_split, load_amazon, load_imdb
+from fedrnn.data.loaders import AMAZON_CATEGORIES, amazon_split, load_amazon, load_imdb
+from fedrnn.data.reviews import Reviews
 
 
 def imdb_test_sample(n: int, seed: int = 0, data_dir: str | None = None) -> Reviews:

@@ -95,7 +95,11 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig,
     """Train the trainable tensors; returns the tensors ``names`` and the metrics a reply carries.
 
     FedProx's proximal term (mu/2 * ||w - w_global||^2) is added when ``proximal_mu`` > 0.
+    Trains on the GPU when this process sees one: a Ray worker does only when
+    ``[simulation] gpus_per_actor`` > 0 (Ray hides GPUs from workers that asked for none).
     """
+    if torch.cuda.is_available():
+        model.cuda()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -112,7 +116,7 @@ def local_train(model: SentimentRNN, data: Encoded, cfg: LocalTrainConfig,
     stats = train_steps(model, data, optimizer, cfg.batch_size, rng, max_steps=cfg.max_steps or None,
                         epochs=cfg.epochs, clip_norm=cfg.clip_norm, loss_fn=loss_fn)
     state = model.state_dict()
-    arrays = {n: state[n].numpy().astype(np.float32, copy=True) for n in names}
+    arrays = {n: state[n].cpu().numpy().astype(np.float32, copy=True) for n in names}
     metrics = {TrainReport.key("train_loss"): stats.loss, TrainReport.key("train_accuracy"): stats.accuracy,
                TrainReport.key("train_seconds"): stats.seconds, TrainReport.key("steps"): float(stats.steps),
                TrainReport.key("samples"): float(stats.examples)}

@@ -69,12 +69,13 @@ def train_steps(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = loss_fn or F.cross_entropy
+    device = params[0].device if params else torch.device("cpu")  # batches go where the model is (CPU or GPU)
     t0, steps, seen, correct, total_loss = time.perf_counter(), 0, 0, 0, 0.0
     for _ in range(epochs):
         for index in length_bucketed_batches(data.lengths, batch_size, rng):
             if max_steps is not None and steps >= max_steps:
                 break
-            ids, lengths, labels = to_tensors(data, index)
+            ids, lengths, labels = (t.to(device) for t in to_tensors(data, index))
             optimizer.zero_grad(set_to_none=True)
             logits = model(ids, lengths)
             loss = loss_fn(logits, labels)
@@ -97,9 +98,10 @@ def train_steps(
 def predict_logits(model: nn.Module, data: Encoded, batch_size: int = 256) -> torch.Tensor:
     model.eval()
     out = torch.empty(len(data), model.cfg.num_classes)
+    device = next(model.parameters()).device
     for index in length_bucketed_batches(data.lengths, batch_size, None):
         ids, lengths, _ = to_tensors(data, index)
-        out[torch.from_numpy(index)] = model(ids, lengths)
+        out[torch.from_numpy(index)] = model(ids.to(device), lengths.to(device)).cpu()
     return out
 
 

@@ -1,7 +1,7 @@
 """Step 4: round plugins, one module per config section, and the order they act in each round.
 
 ``record_dp`` / ``client_dp`` ([privacy]), ``compression``, ``robust``, ``attack``, ``faults``,
-``devices``, ``distill``; the interface they implement is ``fedrnn.federation.plugin``.
+``devices``, ``distill``, ``personalize``; the interface they implement is ``fedrnn.federation.plugin``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fedrnn.plugins.compression import Int8Compression
 from fedrnn.plugins.devices import DeviceSimulation
 from fedrnn.plugins.distill import StudentDistillation
 from fedrnn.plugins.faults import FaultInjection
+from fedrnn.plugins.personalize import Personalization
 from fedrnn.plugins.record_dp import PrivacyLedger
 from fedrnn.plugins.robust import ReplyValidator
 
@@ -25,7 +26,8 @@ def build_plugins(cfg: RunConfig) -> list[RoundPlugin]:
     and every update a client released must be accounted, even one the validator then rejects.
     An int8 uplink decoder goes next, since the validator checks decoded float32 weights. Then the
     reply validator: nothing unchecked reaches another plugin or the strategy. Distillation goes
-    last: it distils from the aggregate of the replies every other plugin accepted.
+    next to last: it distils from the aggregate of the replies every other plugin accepted.
+    Personalisation, last, only reads the final aggregate.
     """
     plugins: list[RoundPlugin] = []
     if cfg.privacy.record_level:
@@ -43,4 +45,5 @@ def build_plugins(cfg: RunConfig) -> list[RoundPlugin]:
         plugins.append(DeviceSimulation(cfg.devices))
     if cfg.distill.enabled:
         plugins.append(StudentDistillation(cfg.distill))
+    plugins.append(Personalization(cfg.personalize))  # every simulated run reports per-client accuracy
     return plugins

@@ -66,6 +66,17 @@ def round_printer(console: Console, rounds: int) -> Callable[[dict[str, Any]], N
         left = rounds - row["round"]
         console.print(round_line(row, rounds, elapsed, elapsed / done[0] * left if left else None), soft_wrap=True,
                       highlight=False)
+        groups = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("target_accuracy/")}
+        if groups:
+            console.print("          per group  " + "  ".join(f"{g} {v:.4f}" for g, v in groups.items()),
+                          soft_wrap=True)
+        if "client_accuracy_mean" in row:
+            line = (f"          per client (held-out)  mean {row['client_accuracy_mean']:.4f}  "
+                    f"p10 {row['client_accuracy_p10']:.4f}  worst {row['client_accuracy_worst']:.4f}")
+            if "personalized_accuracy_mean" in row:
+                line += (f"  ->  personalised mean {row['personalized_accuracy_mean']:.4f}  "
+                         f"p10 {row['personalized_accuracy_p10']:.4f}  worst {row['personalized_accuracy_worst']:.4f}")
+            console.print(line, soft_wrap=True)
 
     return show
 

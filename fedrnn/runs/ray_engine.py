@@ -25,7 +25,8 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     init: dict[str, Any] = (
         {"address": cfg.simulation.ray_address} if cfg.simulation.ray_address else {"num_cpus": cfg.simulation.actors}
     )
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1},
+    gpus = float(cfg.simulation.gpus_per_actor)  # > 0: client training on the GPU Ray assigns the worker
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus, "max_restarts": -1, "max_task_retries": 1},
             "init_args": init}
 
 

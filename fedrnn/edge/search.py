@@ -1,0 +1,480 @@
+"""Device-aware student search: ``python -m fedrnn.edge.search --device-class rpi-zero-2w`` (or ``--all``).
+
+For each device class, the student (cell, embedding and hidden sizes, layers, vocabulary size,
+max length, hidden-unit pruning ratio, int8 or float) with the best Amazon accuracy under the
+class's budgets (:mod:`fedrnn.edge.budgets`: p95 batch-1 latency, inference RAM, download).
+
+How:
+
+* **One study for all classes.** Accuracy, host latency and bytes of a student do not depend
+  on the device; only the budgets do. So one Optuna study (multi-objective TPE: maximise
+  validation accuracy, minimise host p95 latency and model bytes) samples students, with the
+  constraint "within the budgets of at least one requested class" (``Trial.set_constraint``),
+  and each class then reads the trials feasible for it.
+* **Two fidelities.** Sampled trials are *low fidelity*: a short distillation
+  (``--low-steps``). For each class, the low-fidelity choice (rule below) and its most
+  accurate feasible trial are *promoted*: re-run from scratch with the full distillation
+  (``--full-steps``) and added to the study as full-fidelity trials, at most ``--max-promote``
+  (the classes' choices before their most accurate trials). Only full-fidelity trials are chosen.
+* **A trial** shrinks the teacher's tokenizer to the sampled vocabulary
+  (:func:`fedrnn.edge.prune.shrink_tokenizer`, frequencies from the transfer and Amazon train
+  texts), distils a fresh student from cached teacher logits on unlabelled IMDB reviews; with
+  a pruning ratio it distils two thirds of the steps at the sampled width, prunes hidden units
+  (:func:`fedrnn.edge.prune.prune_hidden`) and fine-tunes the rest. It is then exported
+  (``fedrnn.edge.export.export_student``: float + int8 ONNX, parity checked) and measured on
+  the deployed file: validation accuracy on held-out Amazon *train* reviews (the test split is
+  used only to report the chosen students), p95 batch-1 onnxruntime latency on one thread
+  over validation reviews (the lower of two passes: the machine may be shared), bytes, and the
+  inference-memory estimate.
+* **Choice rule** (``--rule one-se``, default): among feasible trials, the smallest model whose
+  validation accuracy is within one standard error of the best (Breiman et al.'s one-SE rule:
+  differences inside the validation noise do not justify more bytes). ``--rule max``: the most
+  accurate.
+
+Writes per class an export directory ``EXPORT_ROOT/<class>/`` (as ``fedrnn.edge.export``
+writes it) and, under ``--out``, ``pareto_<class>.png`` (accuracy vs device latency, model
+bytes as colour), ``trials.csv``, ``table.csv`` / ``table.md`` (one row per class) and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from tokenizers import Tokenizer
+
+from fedrnn.data.tokenizer import Encoded, encode
+from fedrnn.devices.memory import estimate_inference_memory
+from fedrnn.devices.profiles import PROFILES
+from fedrnn.edge.budgets import Budget, BudgetError, budget_for, resolve_class
+from fedrnn.edge.distill import dataset_logits, distill
+from fedrnn.edge.export import ExportError
+from fedrnn.edge.predict import EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER, Predictor
+from fedrnn.edge.prune import prune_hidden, shrink_tokenizer, token_counts
+from fedrnn.model.checkpoint import save_checkpoint
+from fedrnn.model.rnn import ModelConfig, SentimentRNN
+
+RULES = ("one-se", "max")
+
+
+@dataclass(frozen=True)
+class Space:
+    """The choices a trial samples from."""
+
+    cell: tuple[str, ...] = ("lstm", "gru")
+    embed_dim: tuple[int, ...] = (16, 24, 32, 48)
+    hidden_size: tuple[int, ...] = (32, 48, 64, 96, 128)
+    num_layers: tuple[int, ...] = (1, 2)
+    vocab_size: tuple[int, ...] = (1000, 2000, 4000, 8000, 16000)
+    max_len: tuple[int, ...] = (64, 128, 256)
+    prune_ratio: tuple[float, ...] = (0.0, 0.25, 0.5)
+    int8: tuple[bool, ...] = (True, False)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    low_steps: int = 120
+    full_steps: int = 600
+    batch_size: int = 64
+    lr: float = 5e-3
+    temperature: float = 2.0
+    latency_reviews: int = 100
+
+
+@dataclass
+class SearchData:
+    """The teacher, its targets on the transfer set, and the labelled validation/test reviews."""
+
+    teacher: SentimentRNN
+    tokenizer: Tokenizer
+    teacher_max_len: int
+    transfer_texts: list[str]
+    teacher_logits: torch.Tensor  # one row per transfer text
+    count_texts: list[str]  # texts whose token frequencies choose the kept vocabulary
+    val_texts: list[str]
+    val_labels: np.ndarray
+    test_texts: list[str]
+    test_labels: np.ndarray
+    _vocab: dict[int, tuple[Tokenizer, np.ndarray]] = field(default_factory=dict)
+    _encoded: dict[tuple[int, int], tuple[Encoded, Encoded]] = field(default_factory=dict)
+    _counts: np.ndarray | None = None
+
+    def shrunk(self, vocab_size: int) -> Tokenizer:
+        """The teacher's tokenizer cut to ``vocab_size`` tokens (itself when not smaller), cached."""
+        full = self.tokenizer.get_vocab_size()
+        if vocab_size >= full:
+            return self.tokenizer
+        if vocab_size not in self._vocab:
+            if self._counts is None:
+                enc = encode(self.tokenizer, self.count_texts, np.zeros(len(self.count_texts)), 100_000)
+                self._counts = token_counts([enc], full)
+            self._vocab[vocab_size] = shrink_tokenizer(self.tokenizer, self._counts, vocab_size)
+        return self._vocab[vocab_size][0]
+
+    def encoded(self, vocab_size: int, max_len: int) -> tuple[Encoded, Encoded]:
+        """(transfer, validation) encoded with the shrunk tokenizer at ``max_len``, cached."""
+        key = (vocab_size, max_len)
+        if key not in self._encoded:
+            tok = self.shrunk(vocab_size)
+            self._encoded[key] = (
+                encode(tok, self.transfer_texts, np.full(len(self.transfer_texts), -1), max_len),
+                encode(tok, self.val_texts, self.val_labels, max_len),
+            )
+        return self._encoded[key]
+
+
+def params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def run_trial(
+    data: SearchData, params: dict[str, Any], steps: int, fid: Fidelity, out: Path, seed: int
+) -> dict[str, Any]:
+    """Distil, prune, export and measure one student; returns its metrics (see module docstring)."""
+    t0 = time.perf_counter()
+    transfer, val = data.encoded(params["vocab_size"], params["max_len"])
+    tok = data.shrunk(params["vocab_size"])
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        embed_dim=params["embed_dim"], hidden_size=params["hidden_size"], num_layers=params["num_layers"],
+        dropout=0.1, pooling="meanmax", cell=params["cell"],
+    )
+    torch.manual_seed(seed)
+    student = SentimentRNN(cfg)
+    rng = np.random.default_rng(seed)
+    kw = dict(batch_size=fid.batch_size, temperature=fid.temperature, lr=fid.lr, rng=rng,
+              teacher_logits=data.teacher_logits)
+    final_hidden = max(1, round(params["hidden_size"] * (1 - params["prune_ratio"])))
+    if final_hidden < params["hidden_size"]:
+        first = max(1, (2 * steps) // 3)
+        distill(data.teacher, student, transfer, first, **kw)
+        student = prune_hidden(student, final_hidden)
+        stats = distill(data.teacher, student, transfer, max(1, steps - first), **kw)
+    else:
+        stats = distill(data.teacher, student, transfer, steps, **kw)
+    save_checkpoint(out / "checkpoint", student, tok, params["max_len"])
+    export = export_in_subprocess(out / "checkpoint", out / "export")
+    predictor = Predictor(export, quantized=params["int8"], threads=1)
+    val_pred = np.concatenate([
+        predictor.logits(val.ids[i : i + 256], val.lengths[i : i + 256]).argmax(1) for i in range(0, len(val), 256)
+    ])
+    lat = latency_p95_ms(predictor, val, fid.latency_reviews)
+    model_file = export / (INT8_MODEL if params["int8"] else FLOAT_MODEL)
+    model_bytes = model_file.stat().st_size
+    tok_bytes = (export / TOKENIZER).stat().st_size
+    return {
+        "val_accuracy": float((val_pred == val.labels).mean()),
+        "host_p95_ms": lat,
+        "model_bytes": model_bytes,
+        "download_bytes": model_bytes + tok_bytes + (export / EXPORT_CONFIG).stat().st_size,
+        "ram_bytes": estimate_inference_memory(student.cfg, params["max_len"], model_bytes, tok_bytes),
+        "final_hidden": final_hidden,
+        "steps": steps,
+        "distill_loss_end": stats.loss_end,
+        "seconds": time.perf_counter() - t0,
+        "export_dir": str(export),
+    }
+
+
+def export_in_subprocess(checkpoint: Path, out: Path) -> Path:
+    """``python -m fedrnn.edge.export`` in a fresh process.
+
+    With torch 2.13 only the first ``torch.onnx.export(dynamo=True)`` of a process keeps the
+    sequence axis dynamic; later ones in the same process specialise it to the example's length
+    (the LSTM decomposition adds a guard ``seq == 8``; ``torch._dynamo.reset()`` does not undo it),
+    and the export then fails its parity check. A search exports many students, so each export
+    gets its own process.
+    """
+    proc = subprocess.run([sys.executable, "-m", "fedrnn.edge.export", str(checkpoint), "--out", str(out)],
+                          capture_output=True, text=True, check=False, timeout=900)
+    if proc.returncode != 0:
+        raise ExportError(f"exporting {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
+    return out
+
+
+def latency_p95_ms(predictor: Predictor, data: Encoded, reviews: int, warmup: int = 10) -> float:
+    """p95 of batch-1 latency over the first ``reviews`` reviews, the lower of two passes."""
+    n = min(reviews, len(data))
+    rows = [(data.ids[i : i + 1, : data.lengths[i]], data.lengths[i : i + 1]) for i in range(n)]
+    for ids, lengths in rows[:warmup]:
+        predictor.logits(ids, lengths)
+    passes = []
+    for _ in range(2):
+        times = []
+        for ids, lengths in rows:
+            t = time.perf_counter()
+            predictor.logits(ids, lengths)
+            times.append((time.perf_counter() - t) * 1000)
+        passes.append(float(np.percentile(times, 95)))
+    return min(passes)
+
+
+def feasible(budget: Budget, row: dict[str, Any]) -> bool:
+    return max(budget.violations(row["host_p95_ms"], row["ram_bytes"], row["download_bytes"]).values()) <= 0
+
+
+def choose(rows: list[dict[str, Any]], budget: Budget, rule: str, n_val: int) -> dict[str, Any] | None:
+    """The trial a class gets under ``rule`` (see module docstring), or None if none is feasible."""
+    ok = [r for r in rows if feasible(budget, r)]
+    if not ok:
+        return None
+    best = max(ok, key=lambda r: (r["val_accuracy"], -r["model_bytes"]))
+    if rule == "max":
+        return best
+    se = math.sqrt(best["val_accuracy"] * (1 - best["val_accuracy"]) / n_val)
+    close = [r for r in ok if r["val_accuracy"] >= best["val_accuracy"] - se]
+    return min(close, key=lambda r: (r["model_bytes"], -r["val_accuracy"]))
+
+
+def search(
+    data: SearchData, budgets: Sequence[Budget], *, trials: int, space: Space, fid: Fidelity, workdir: Path,
+    rule: str = "one-se", seed: int = 0, timeout_s: float | None = None, max_promote: int = 6, log: Any = print,
+) -> dict[str, Any]:
+    """Run the two-fidelity study; returns all trial rows and each class's chosen full-fidelity row."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not budgets:
+        raise ValueError("no device class to search for")
+    rows: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], fidelity: str, steps: int) -> dict[str, Any]:
+        n = len(rows)
+        metrics = run_trial(data, params, steps, fid, workdir / f"trial-{n:03d}-{fidelity}", seed + n)
+        row = {"trial": n, "fidelity": fidelity, **params, **metrics}
+        row["violation"] = min(max(b.violations(row["host_p95_ms"], row["ram_bytes"], row["download_bytes"]).values())
+                               for b in budgets)
+        rows.append(row)
+        log(f"trial {n} ({fidelity}): {params} -> val acc {row['val_accuracy']:.4f}, host p95 "
+            f"{row['host_p95_ms']:.3f} ms, {row['model_bytes']:,} B, {row['seconds']:.0f} s")
+        return row
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        params = {name: trial.suggest_categorical(name, list(getattr(space, name))) for name in Space.__annotations__}
+        row = record(params, "low", fid.low_steps)
+        trial.set_constraint("budget_violation", row["violation"])
+        return row["val_accuracy"], row["host_p95_ms"], float(row["model_bytes"])
+
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(8, trials))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
+    study.optimize(objective, n_trials=trials, timeout=timeout_s)
+
+    n_val = len(data.val_texts)
+    low = [r for r in rows if r["fidelity"] == "low"]
+    promote: dict[str, dict[str, Any]] = {}  # each class's choice first, then each class's most accurate
+    for r in [choose(low, b, rule, n_val) for b in budgets] + [choose(low, b, "max", n_val) for b in budgets]:
+        if r is not None:
+            params = {name: r[name] for name in Space.__annotations__}
+            promote.setdefault(params_key(params), params)
+    for params in list(promote.values())[:max_promote]:
+        record(params, "full", fid.full_steps)
+    full = [r for r in rows if r["fidelity"] == "full"]
+    return {"rows": rows, "chosen": {b.device_class: choose(full, b, rule, n_val) for b in budgets}}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def load_search_data(teacher_dir: Path, data_dir: str | None, transfer_size: int, val_size: int, seed: int,
+                     cache_dir: Path) -> SearchData:
+    """Teacher, cached teacher logits on ``transfer_size`` unlabelled IMDB reviews, Amazon val/test."""
+    from fedrnn.data.loaders import amazon_split, load_amazon, load_imdb
+    from fedrnn.model.checkpoint import WEIGHTS, load_checkpoint
+
+    teacher, tok, tcfg = load_checkpoint(teacher_dir)
+    rng = np.random.default_rng(seed)
+    unsup = load_imdb("unsup", data_dir)
+    transfer_texts = [unsup.texts[i] for i in rng.permutation(len(unsup))[:transfer_size]]
+    pool, test = amazon_split(load_amazon(data_dir))
+    val_idx = rng.permutation(len(pool))[:val_size]
+    digest = hashlib.sha256((teacher_dir / WEIGHTS).read_bytes()).hexdigest()[:12]
+    cache = cache_dir / f"teacher-logits-{digest}-n{transfer_size}-s{seed}.npy"
+    if cache.is_file():
+        logits = torch.from_numpy(np.load(cache))
+    else:
+        enc = encode(tok, transfer_texts, np.full(len(transfer_texts), -1), tcfg["max_len"])
+        logits = dataset_logits([teacher.eval()], enc)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, logits.numpy())
+    return SearchData(
+        teacher=teacher.eval(), tokenizer=tok, teacher_max_len=tcfg["max_len"], transfer_texts=transfer_texts,
+        teacher_logits=logits,
+        count_texts=transfer_texts + list(pool.texts), val_texts=[pool.texts[i] for i in val_idx],
+        val_labels=pool.labels[val_idx], test_texts=list(test.texts), test_labels=test.labels,
+    )
+
+
+def teacher_accuracy(data: SearchData, texts: list[str], labels: np.ndarray, max_len: int) -> float:
+    from fedrnn.model.training import evaluate
+
+    return float(evaluate(data.teacher, encode(data.tokenizer, texts, labels, max_len))["accuracy"])
+
+
+def pareto_plot(rows: list[dict[str, Any]], budget: Budget, chosen: dict[str, Any] | None, path: Path) -> None:
+    """Accuracy vs the class's device latency, model bytes as colour; infeasible trials hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=90)
+    sizes = [r["model_bytes"] for r in rows]
+    norm = LogNorm(vmin=min(sizes), vmax=max(max(sizes), min(sizes) * 1.01))
+    cmap = plt.get_cmap("viridis")
+    for r in rows:
+        x, y, c = budget.device_latency_ms(r["host_p95_ms"]), 100 * r["val_accuracy"], cmap(norm(r["model_bytes"]))
+        ok = feasible(budget, r)
+        ax.scatter(x, y, s=60 if r["fidelity"] == "full" else 25, marker="D" if r["fidelity"] == "full" else "o",
+                   facecolors=c if ok else "none", edgecolors=c, linewidths=1.2)
+    if chosen is not None:
+        ax.scatter(budget.device_latency_ms(chosen["host_p95_ms"]), 100 * chosen["val_accuracy"], s=260,
+                   marker="*", facecolors="none", edgecolors="red", linewidths=1.5, label="chosen")
+        ax.legend(loc="lower right")
+    ax.axvline(budget.latency_p95_ms, color="grey", linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p95 batch-1 latency on {budget.device_class} (ms, host x {1 / budget.relative_speed:.1f})")
+    ax.set_ylabel("Amazon validation accuracy (%)")
+    ax.set_title(f"{budget.device_class}: dots low, diamonds full fidelity; hollow = over a budget", fontsize=9)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="model file bytes")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--device-class", action="append", help=f"a class of {list(PROFILES)} (repeatable)")
+    which.add_argument("--all", action="store_true", help="every device class")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: $FEDRNN_CACHE_DIR/teacher)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--trials", type=int, default=20, help="low-fidelity trials sampled by Optuna")
+    p.add_argument("--timeout-s", type=float, default=None, help="stop sampling low-fidelity trials after this")
+    p.add_argument("--max-promote", type=int, default=6, help="low-fidelity trials re-run at full fidelity")
+    p.add_argument("--low-steps", type=int, default=Fidelity.low_steps)
+    p.add_argument("--full-steps", type=int, default=Fidelity.full_steps)
+    p.add_argument("--transfer-size", type=int, default=8000, help="unlabelled IMDB reviews to distil on")
+    p.add_argument("--val-size", type=int, default=1000, help="Amazon train reviews to choose students on")
+    p.add_argument("--rule", choices=RULES, default="one-se")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="simulations/results/student_search")
+    p.add_argument("--export-root", default="runs/student_search", help="per-class export dirs (git-ignored)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    try:
+        classes = list(PROFILES) if a.all else list(dict.fromkeys(resolve_class(c) for c in a.device_class))
+    except BudgetError as e:
+        raise SystemExit(f"error: {e}") from e
+    for name in ("trials", "low_steps", "full_steps", "transfer_size", "val_size", "max_promote"):
+        if getattr(a, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    cache = Path(os.environ.get("FEDRNN_CACHE_DIR", "cache"))
+    teacher_dir = Path(a.teacher) if a.teacher else cache / "teacher"
+    if not (teacher_dir / "model.safetensors").is_file():
+        raise SystemExit(f"error: no teacher checkpoint in {teacher_dir} (run python -m fedrnn.model.pretrain)")
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    export_root = Path(a.export_root)
+    data = load_search_data(teacher_dir, a.data_dir, a.transfer_size, a.val_size, a.seed, Path("cache") / "edge")
+    t_data = time.perf_counter() - t0
+    budgets = [budget_for(PROFILES[c]) for c in classes]
+    fid = Fidelity(low_steps=a.low_steps, full_steps=a.full_steps)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
+
+    result = search(data, budgets, trials=a.trials, space=Space(), fid=fid, workdir=export_root / "trials",
+                    rule=a.rule, seed=a.seed, timeout_s=a.timeout_s, max_promote=a.max_promote, log=log)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_test = teacher_accuracy(data, data.test_texts, data.test_labels, data.teacher_max_len)
+    table = []
+    for b in budgets:
+        row = result["chosen"][b.device_class]
+        pareto_plot(result["rows"], b, row, out / f"pareto_{b.device_class}.png")
+        entry: dict[str, Any] = {"device_class": b.device_class, "budget": b.to_dict(), "chosen": None}
+        if row is not None:
+            dest = export_root / b.device_class
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(row["export_dir"], dest)
+            pred = Predictor(dest, quantized=row["int8"]).predict_proba(data.test_texts).argmax(1)
+            entry["chosen"] = {k: v for k, v in row.items() if k != "export_dir"} | {
+                "export_dir": str(dest), "device_p95_ms": b.device_latency_ms(row["host_p95_ms"]),
+                "test_accuracy": float((pred == data.test_labels).mean()),
+            }
+            entry["chosen"]["gap_points"] = 100 * (teacher_test - entry["chosen"]["test_accuracy"])
+        table.append(entry)
+    summary = {
+        "command": " ".join(["python -m fedrnn.edge.search", *(sys.argv[1:] if argv is None else argv)]),
+        "teacher": str(teacher_dir), "teacher_test_accuracy": teacher_test,
+        "test_examples": len(data.test_texts), "val_examples": len(data.val_texts),
+        "fidelity": asdict(fid), "rule": a.rule, "trials_low": a.trials, "max_promote": a.max_promote,
+        "transfer_size": a.transfer_size, "space": asdict(Space()),
+        "seconds": {"data": t_data, "total": time.perf_counter() - t0},
+        "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
+        "classes": table,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    write_tables(result["rows"], table, teacher_test, out)
+    log(f"wrote {out} ({len(result['rows'])} trials, {summary['seconds']['total']:.0f} s)")
+    return summary
+
+
+TABLE_COLUMNS = ("device_class", "cell", "embed_dim", "final_hidden", "num_layers", "vocab_size", "max_len",
+                 "prune_ratio", "int8", "model_bytes", "download_bytes", "ram_bytes", "device_p95_ms",
+                 "val_accuracy", "test_accuracy", "gap_points")
+
+
+def write_tables(rows: list[dict[str, Any]], table: list[dict[str, Any]], teacher_test: float, out: Path) -> None:
+    with (out / "trials.csv").open("w", newline="") as f:
+        fields = [k for k in rows[0] if k != "export_dir"]
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        f"Teacher Amazon test accuracy {100 * teacher_test:.2f} %.",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    with (out / "table.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(TABLE_COLUMNS)
+        for entry in table:
+            c = entry["chosen"] or {}
+            cells = [entry["device_class"], *(c.get(k, "none feasible") for k in TABLE_COLUMNS[1:])]
+            w.writerow(cells)
+            lines.append("| " + " | ".join(_fmt(x) for x in cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x:,}"
+    return str(x)
+
+
+if __name__ == "__main__":
+    main()
