@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -59,6 +60,7 @@ def plot_runs(runs: list[tuple[RunDir, list[dict[str, Any]]]], out: Path) -> Pat
     for rd, rows in runs:
         pts = [(r["round"], r["target_accuracy"]) for r in rows if r.get("target_accuracy") is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=rd.path.name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("target test accuracy")
     ax.grid(alpha=0.3)
