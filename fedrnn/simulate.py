@@ -38,10 +38,12 @@ from fedrnn.federation.rundir import RunDir
 from fedrnn.io import write_json
 from fedrnn.model.checkpoint import CheckpointError
 from fedrnn.model.rnn import TRANSFER_MODES
-from fedrnn.runs.console import round_printer
+from fedrnn.runs.console import accuracy, round_printer
+from fedrnn.runs.failures import RunFailedError
+from fedrnn.runs.interrupt import resume_command, stop_on_sigint
 from fedrnn.runs.lifecycle import SUMMARY, Run, prepare, simulate
-from fedrnn.runs.plots import plot_run
 from fedrnn.runs.ray_engine import start_ray
+from fedrnn.runs.records import write_metrics_csv
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     run.on_round.append(round_printer(console, run.cfg.run.rounds))
+    stop_on_sigint(console, run.dir.path, before_exit=lambda: write_metrics_csv(run.dir))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:  # prepare the run's files while Ray starts
         preparing = pool.submit(prepare, run, console)
@@ -159,24 +162,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             preparing.result()
         except (ConfigError, DataError, CheckpointError, PartitionError) as e:  # bad input: say what, not a traceback
             raise SystemExit(f"error: {e}") from None
-    totals = simulate([run], a.verbose, console)[str(run.dir.path)]
+    try:
+        totals = simulate([run], a.verbose, console)[str(run.dir.path)]
+    except RunFailedError as e:
+        raise SystemExit(f"error: {e}\n(the run stopped; once the cause is fixed, continue it with "
+                         f"`{resume_command(run.dir.path)}`)") from None
     wall = time.perf_counter() - t0
-    rows = run.dir.read_metrics()
     summary = {
         **totals,
         "wall_seconds_this_invocation": wall,
         "simulation_efficiency": totals["client_train_seconds"] / max(totals["wall_seconds"], 1e-9),
     }
     write_json(run.dir.path / SUMMARY, summary)
-    plot_run(rows, run.dir.path)
-    if any("sim_time_h" in r for r in rows):  # a device-fleet run: accuracy against simulated wall-clock time
-        timed = [r if r["round"] else {**r, "sim_time_h": 0.0} for r in rows]
-        plot_run(
-            timed, run.dir.path, "sim_time_h", "simulated wall-clock hours", suffix="_vs_sim_hours", kinds=("accuracy",)
-        )
     console.print(
-        f"[bold green]done[/]: {run.dir.path}  target accuracy {summary['final'].get('target_accuracy')}  "
-        f"wall {wall:.0f} s  efficiency {summary['simulation_efficiency']:.2f}"
+        f"[bold green]done[/]: {run.dir.path}  target accuracy {accuracy(summary['final'].get('target_accuracy'))}  "
+        f"wall {wall:.0f} s  efficiency {summary['simulation_efficiency']:.2f}", highlight=False, soft_wrap=True
     )
     return summary
 

@@ -96,7 +96,7 @@ def test_set_reaches_nested_keys_and_tables() -> None:
     (["--set", "devices.enabled=true", "--set", "devices.mix={pi9=1.0}"],
      "--set devices.mix={pi9=1.0}: devices.mix.pi9 is not a device profile"),
     (["--set", "run.colour=red"], "--set run.colour=red: unknown key run.colour"),
-    (["--set", "tracking.mlflow=true"], "--set tracking.mlflow=true: unknown config section [tracking]"),
+    (["--set", "telemetry.enabled=true"], "--set telemetry.enabled=true: unknown config section [telemetry]"),
     (["--set", "lr=0.1"], "--set lr=0.1: expected section.key"),
     (["--set", "client.lr"], "--set client.lr: expected section.key=value"),
     # a rule over two keys broken by a flag alone is the flag's fault, not the file's

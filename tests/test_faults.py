@@ -51,7 +51,7 @@ def test_raising_hanging_and_crashing_clients_are_survived(tmp_path: Path, tiny_
     hang_s, deadline_s = 600.0, 30.0
     rows, seconds, _ = _simulate(tmp_path, tiny_teacher[0], {
         "run": {"clients": 4, "clients_per_round": 4, "rounds": 2}, "client": {"deadline_s": deadline_s},
-        "server": {"timeout_s": 300.0},
+        "server": {"timeout_s": 300.0, "max_failure_fraction": 1.0},  # 3 of 4 fail on purpose
         "faults": {"raise_clients": [0], "crash_clients": [1], "hang_clients": [2], "hang_s": hang_s, "rounds": [1]}})
     r1, r2 = rows[1], rows[2]
     assert r1["clients"] == [0, 1, 2, 3] and r1["failures"] == 3 and r1["trained"] == 1

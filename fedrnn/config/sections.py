@@ -141,6 +141,9 @@ class ServerSection:
     timeout_s: float = 600.0  # bound on waiting for one round's replies
     trimmed_beta: float = 0.2
     krum_byzantine: int = 1
+    # A run stops with an error when a round's clients all fail, or more than this fraction of
+    # the training jobs sent so far has failed (1 = only the all-failed round stops it).
+    max_failure_fraction: float = 0.5
 
     def validate(self) -> None:
         _check(self.server_lr > 0, "server.server_lr", "must be > 0", self.server_lr)
@@ -153,6 +156,8 @@ class ServerSection:
         _check(self.timeout_s > 0, "server.timeout_s", "must be > 0", self.timeout_s)
         _check(0 <= self.trimmed_beta < 0.5, "server.trimmed_beta", "must be in [0, 0.5)", self.trimmed_beta)
         _check(self.krum_byzantine >= 0, "server.krum_byzantine", "must be >= 0", self.krum_byzantine)
+        _check(0 <= self.max_failure_fraction <= 1, "server.max_failure_fraction", "must be in [0, 1]",
+               self.max_failure_fraction)
 
 
 @dataclass
@@ -378,6 +383,16 @@ class PrivacySection:
 
 
 @dataclass
+class TrackingSection:
+    mlflow: bool = False  # log params, per-round metrics and plots to MLflow (pip install 'fedrnn[tracking]')
+    tracking_uri: str = ""  # "" = a local store in runs/mlruns; else an MLflow tracking URI
+    experiment: str = "fedrnn"
+
+    def validate(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", "must not be empty", self.experiment)
+
+
+@dataclass
 class PersonalizeSection:
     """After the last round each client fine-tunes the head on its own data (``fedrnn.plugins.personalize``).
 
@@ -408,6 +423,7 @@ class RunConfig:
     attack: AttackSection = field(default_factory=AttackSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     personalize: PersonalizeSection = field(default_factory=PersonalizeSection)
 
     def validate(self) -> RunConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -130,6 +131,21 @@ def sample(rng: np.random.Generator, ids: list[int], k: int) -> list[int]:
     return sorted(int(ids[i]) for i in rng.choice(len(ids), size=k, replace=False)) if k else []
 
 
+@dataclass
+class RoundReplies:
+    """What a round's clients answered, for per-client records (``fedrnn.runs.records``).
+
+    ``sent``: message id -> client of every training message; ``replies``: every training reply,
+    error replies included; ``kept``: those aggregated (after every plugin's ``on_replies``);
+    ``evaluated``: the federated-evaluation replies without error (none on rounds without one).
+    """
+
+    sent: dict[str, int]
+    replies: list[Message]
+    kept: list[Message]
+    evaluated: list[Message]
+
+
 class Federation:
     """One run: the round loop over ``placement``'s clients, with ``plugins`` (see ``fedrnn.federation.plugin``)."""
 
@@ -147,6 +163,7 @@ class Federation:
         self.evaluator = ServerEvaluator(self.target, cfg.server.target_test_examples, cfg.run.seed)
         self.console = console or Console()
         self.on_round: list[Callable[[dict[str, Any]], None]] = []
+        self.on_replies: list[Callable[[dict[str, Any], RoundReplies], None]] = []  # after on_round, per round
         self.context = RunContext(cfg=cfg, files=files, base=self.base, target=self.target, evaluator=self.evaluator,
                                   simulated=self.placement.simulated, global_model=self.global_model,
                                   encode_down=self.encode_down, send=self.send)
@@ -258,11 +275,13 @@ class Federation:
         t_run = time.perf_counter()
         for rnd in range(start, cfg.run.rounds + 1):
             row = self.round(grid, rnd, arrays)
-            arrays = row.pop("_arrays")
+            arrays, answered = row.pop("_arrays"), row.pop("_replies")
             for key in ("client_train_seconds", "bytes_down", "bytes_up", "failures"):
                 totals[key] += row[key]
             for hook in self.on_round:
                 hook(row)
+            for reply_hook in self.on_replies:
+                reply_hook(row, answered)
             self._checkpoint(rnd, arrays, totals, row)
         return {"rounds_run": cfg.run.rounds - start + 1, "wall_seconds": time.perf_counter() - t_run, **totals}
 
@@ -298,6 +317,7 @@ class Federation:
         for plugin in self.plugins:
             ok, extra = plugin.on_replies(info, ok)
             row |= extra
+        answered = RoundReplies(info.sent, replies, ok, [])
         row |= {
             "trained": len(ok),
             "client_train_seconds": sum(float(r.content[METRICS][TRAIN_SECONDS]) for r in ok),
@@ -310,19 +330,20 @@ class Federation:
         for plugin in self.plugins:
             row |= plugin.after_aggregate(info, grid, arrays)
         if rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds:
-            row |= self._federated_evaluation(grid, rnd, arrays, rng, running)
+            row |= self._federated_evaluation(grid, rnd, arrays, rng, running, answered.evaluated)
             row |= self.evaluator(self.global_model(arrays))
         row["round_seconds"] = time.perf_counter() - t0
-        row["_arrays"] = arrays
+        row["_arrays"], row["_replies"] = arrays, answered
         return row
 
     def _federated_evaluation(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], rng: np.random.Generator,
-                              clients: list[int]) -> dict[str, Any]:
+                              clients: list[int], evaluated: list[Message]) -> dict[str, Any]:
+        """The chosen clients' held-out accuracy of the new global model; their replies are added to ``evaluated``."""
         n = int(round(self.cfg.server.fraction_evaluate * len(clients)))
         if n == 0:
             return {}
         chosen = sample(rng, clients, n)
-        accs = [a for r in self.send(grid, rnd, arrays, chosen, MessageType.EVALUATE)
-                if (a := reported_accuracy(r)) is not None]
+        evaluated.extend(self.send(grid, rnd, arrays, chosen, MessageType.EVALUATE))
+        accs = [a for r in evaluated if (a := reported_accuracy(r)) is not None]
         return {"fed_eval_clients": len(accs), "fed_eval_accuracy_mean": float(np.mean(accs)) if accs else None,
                 "fed_eval_accuracy_p10": percentile(accs, 10) if accs else None}

@@ -1,3 +1,4 @@
-"""Step 5: a run's outputs: the run directory (rundir), files prepared before round 1 (prepare),
-plots (plots).
+"""Step 5: running and recording a run: its lifecycle (lifecycle) on Flower's Simulation Engine
+(ray_engine), what it prints (console, interrupt), what it stops on (failures), what it records
+(records: clients.jsonl and metrics.csv; plots; tracking: MLflow) and run comparison (report).
 """

@@ -28,7 +28,12 @@ from fedrnn.federation.strategies import make_strategy
 from fedrnn.io import write_json
 from fedrnn.model.checkpoint import read_json
 from fedrnn.plugins import build_plugins
+from fedrnn.runs.console import failure_printer
+from fedrnn.runs.failures import FailureGuard
+from fedrnn.runs.plots import plot_run_dir
 from fedrnn.runs.ray_engine import run_on_simulation_engine
+from fedrnn.runs.records import ClientLog, write_metrics_csv
+from fedrnn.runs.tracking import MlflowTracker
 
 SUMMARY = "summary.json"
 RoundHook = Callable[[dict[str, Any]], None]
@@ -74,45 +79,82 @@ def prepare(run: Run, console: Console | None = None) -> Run:
 
 
 def execute(run: Run, grid: Grid, placement: Placement | None = None, console: Console | None = None) -> dict[str, Any]:
-    """Run (or continue) the round loop of a prepared run; writes and returns ``summary.json``."""
+    """Run (or continue) the round loop of a prepared run; writes and returns ``summary.json``.
+
+    Besides ``metrics.jsonl`` the run keeps ``clients.jsonl`` (one row per client per round) and
+    ``metrics.csv``, stops with :class:`~fedrnn.runs.failures.RunFailedError` when too many
+    clients fail (``server.max_failure_fraction``), and logs to MLflow if ``[tracking]`` asks.
+    """
     if run.files is None:
         raise RuntimeError(f"{run.dir.path}: prepare() the run before executing it")
     fed = Federation(run.cfg, run.files, make_strategy(run.cfg), placement or VirtualClients(),
                      build_plugins(run.cfg), console=console)
-    fed.on_round.extend(run.on_round)
-    totals = fed.run(grid)
+    tracker = MlflowTracker(run.cfg, run.dir) if run.cfg.tracking.mlflow else None
+    fed.on_round.extend([*run.on_round, *([tracker] if tracker else [])])
+    fed.on_replies.extend([ClientLog(run.dir), failure_printer(console or Console()),
+                           FailureGuard(run.cfg.server.max_failure_fraction)])
+    try:
+        totals = fed.run(grid)
+    except BaseException:
+        write_metrics_csv(run.dir)
+        if tracker:
+            tracker.finish(run.dir.read_metrics(), "FAILED")
+        raise
+    write_metrics_csv(run.dir)
     rows = run.dir.read_metrics()
     summary = {"final": rows[-1] if rows else {}, **totals}
     write_json(run.dir.path / SUMMARY, summary)
+    plot_run_dir(rows, run.dir.path)
+    if tracker:
+        tracker.finish(rows)
     return summary
 
 
-def simulation_app(runs: list[Run], console: Console | None = None) -> tuple[ServerApp, dict[str, dict[str, Any]]]:
-    """A ServerApp executing prepared ``runs`` in order on simulated SuperNodes; summaries by run directory."""
-    app = ServerApp()
-    summaries: dict[str, dict[str, Any]] = {}
+@dataclass
+class Outcome:
+    """What a simulation's ServerApp did: the summaries of the runs it finished, and the exception that ended it."""
+
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+def simulation_app(runs: list[Run], console: Console | None = None) -> tuple[ServerApp, Outcome]:
+    """A ServerApp executing prepared ``runs`` in order on simulated SuperNodes, and what it did."""
+    app, outcome = ServerApp(), Outcome()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        for run in runs:
-            summaries[str(run.dir.path)] = execute(run, grid, VirtualClients(), console)
+        try:
+            for run in runs:
+                outcome.summaries[str(run.dir.path)] = execute(run, grid, VirtualClients(), console)
+        except Exception as e:
+            outcome.error = e
+            raise
 
-    return app, summaries
+    return app, outcome
 
 
 def simulate(runs: list[Run], verbose: bool = False, console: Console | None = None) -> dict[str, dict[str, Any]]:
     """Execute prepared ``runs`` in order in one Flower simulation; their summaries by run directory.
 
     The Ray resources are those of the first run's config. A finished run executes no round again.
+    An exception in the round loop (e.g. :class:`~fedrnn.runs.failures.RunFailedError`) is raised
+    here as it was, whatever Flower wraps it in.
     """
     if not runs:
         return {}
-    app, summaries = simulation_app(runs, console)
-    run_on_simulation_engine(app, runs[0].cfg, verbose)
-    missing = [str(run.dir.path) for run in runs if str(run.dir.path) not in summaries]
+    app, outcome = simulation_app(runs, console)
+    try:
+        run_on_simulation_engine(app, runs[0].cfg, verbose)
+    except Exception:
+        if outcome.error is None:
+            raise
+    if outcome.error is not None:
+        raise outcome.error
+    missing = [str(run.dir.path) for run in runs if str(run.dir.path) not in outcome.summaries]
     if missing:
         raise RuntimeError(f"the simulation ended before these runs finished: {missing}; see the log above")
-    return summaries
+    return outcome.summaries
 
 
 def run_batch(configs: dict[str, RunConfig], work: Path, on_round: Callable[[str], RoundHook] | None = None,

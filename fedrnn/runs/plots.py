@@ -58,3 +58,13 @@ def plot_run(
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_run_dir(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """A run's plots: accuracy and loss against round, and for a device-fleet run accuracy against simulated hours."""
+    written = plot_run(rows, out_dir)
+    if any("sim_time_h" in r for r in rows):
+        timed = [r if r["round"] else {**r, "sim_time_h": 0.0} for r in rows]
+        written += plot_run(timed, out_dir, "sim_time_h", "simulated wall-clock hours", suffix="_vs_sim_hours",
+                            kinds=("accuracy",))
+    return written

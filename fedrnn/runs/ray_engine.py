@@ -10,6 +10,7 @@ from typing import Any
 from flwr.serverapp import ServerApp
 
 from fedrnn.config import RunConfig
+from fedrnn.runs.console import quiet_flower, quiet_ray
 
 
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
@@ -83,9 +84,10 @@ def run_on_simulation_engine(server_app: ServerApp, cfg: RunConfig, verbose: boo
 
     from clients.client_app import app as client_app
 
+    start_ray(cfg, verbose)
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    start_ray(cfg, verbose)  # a no-op when the caller has started it already
+        quiet_flower()
+        quiet_ray()  # a no-op when the caller has started it already
     run_simulation(
         server_app=server_app,
         client_app=client_app,
