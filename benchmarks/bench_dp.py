@@ -19,18 +19,23 @@ runs). For each transfer mode it times
 * ``torch-func``: ``vmap(grad(...))`` per-sample gradients of the plain fused model;
 * ``microbatch-dense``: textbook microbatching, dense embedding gradient per example.
 
-All DP variants see the same Poisson batches. Ratios compare time per real (unpadded)
-token, since Poisson batches vary in size and length and a few steps are a small sample;
-``non-dp``, ``microbatch`` and ``fused`` are measured twice, interleaved, and the
-faster run of each is kept (the machine is shared). The two bench-only variants also report
-their largest deviation from the fused engine's clipped gradient sum on the same batch
-(dropout off). Results go to ``benchmarks/results/dp.json``.
+Every variant runs the same ``--steps`` steps; all DP variants and ``non-dp-poisson`` see the
+same Poisson batches (the same examples), ``non-dp`` the first ``--steps`` length-bucketed
+batches of an epoch. Each variant runs ``--repeat`` times (default 5), the variants interleaved
+within each repeat so a change in the shared machine's load hits all of them alike; the
+median run counts, and every run records the 1-minute load average before it. Ratios compare
+time per real (unpadded) token against ``non-dp``, the length-bucketed training a non-private
+client really does (what the user would otherwise pay); ``non-dp-poisson`` (same batches as DP,
+no privacy) shows how much of the cost is the Poisson batches' padding alone. The two
+bench-only variants also report their largest deviation from the fused engine's clipped
+gradient sum on the same batch (dropout off). Results go to ``benchmarks/results/dp.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -49,7 +54,7 @@ from torch.nn import functional as F
 from fedrnn.data.loaders import load_amazon
 from fedrnn.data.tokenizer import Encoded, encode, train_tokenizer
 from fedrnn.model.rnn import TRANSFER_MODES, ModelConfig, SentimentRNN, set_trainable
-from fedrnn.model.training import to_tensors, train_steps
+from fedrnn.model.training import length_bucketed_batches, to_tensors, train_steps
 from fedrnn.privacy.accounting import PrivacyState, sample_rate
 from fedrnn.privacy.batching import poisson_batches
 from fedrnn.privacy.dp_sgd import OPACUS_MODES, train_dp
@@ -73,12 +78,13 @@ def fresh_model(mode: str) -> SentimentRNN:
     return model.train()
 
 
-def time_non_dp(data: Encoded, mode: str, batch_size: int, epochs: int = 1) -> dict[str, float]:
+def time_non_dp(data: Encoded, mode: str, batch_size: int, steps: int) -> dict[str, float]:
     model = fresh_model(mode)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
-    train_steps(model, data, opt, batch_size, np.random.default_rng(SEED), max_steps=1)  # warm-up
-    stats = train_steps(model, data, opt, batch_size, np.random.default_rng(SEED), epochs=epochs)
-    tokens = int(data.lengths.sum()) * epochs
+    train_steps(model, data, opt, batch_size, np.random.default_rng(SEED + 1), max_steps=1)  # warm-up
+    stats = train_steps(model, data, opt, batch_size, np.random.default_rng(SEED), max_steps=steps)
+    batches = length_bucketed_batches(data.lengths, batch_size, np.random.default_rng(SEED))[:steps]
+    tokens = int(sum(data.lengths[b].sum() for b in batches))
     return {"seconds": stats.seconds, "steps": stats.steps, "examples": stats.examples, "tokens": tokens}
 
 
@@ -196,48 +202,76 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def variants(data: Encoded, mode: str, b: int, k: int) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Every engine for one mode, each timed over the same ``k`` steps."""
+    out: dict[str, Callable[[], dict[str, Any]]] = {
+        "non-dp": partial(time_non_dp, data, mode, b, k),
+        "non-dp-poisson": partial(time_plain_poisson, data, mode, b, k),
+        "microbatch": partial(time_dp, data, mode, b, k, engine="microbatch"),
+        "fused": partial(time_dp, data, mode, b, k, engine="fused"),
+        "fused-unchunked": partial(time_dp, data, mode, b, k, engine="fused", chunk_size=None),
+    }
+    out |= {f"opacus-{g}": partial(time_dp, data, mode, b, k, engine="opacus", grad_sample_mode=g)
+            for g in OPACUS_MODES}
+    out["torch-func"] = partial(time_per_sample, torch_func_clipped_sum, data, mode, b, k)
+    out["microbatch-dense"] = partial(time_per_sample, dense_microbatch_clipped_sum, data, mode, b, k)
+    return out
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median time (the lower middle one for an even count), plus every run's time and load."""
+    ok = [r for r in runs if "seconds" in r]
+    if not ok:
+        return runs[0]
+    mid = sorted(ok, key=lambda r: r["seconds"])[(len(ok) - 1) // 2]
+    return mid | {"runs_seconds": [r["seconds"] for r in ok], "runs_load_average_1min": [r["load"] for r in ok],
+                  "failed_runs": len(runs) - len(ok)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--examples", type=int, default=512, help="reviews on the simulated device")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=6, help="timed DP steps of the fast variants")
-    ap.add_argument("--slow-steps", type=int, default=2, help="timed steps of Opacus / torch.func / dense microbatch")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps of every variant")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved runs of every variant; the median counts")
     ap.add_argument("--modes", nargs="+", default=list(TRANSFER_MODES), choices=TRANSFER_MODES)
+    ap.add_argument("--variants", nargs="+", help="only these engines (default: all); non-dp always runs")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dp.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = client_data(args.examples, args.max_len)
-    b, k, slow = args.batch_size, args.steps, args.slow_steps
+    b, k = args.batch_size, args.steps
     results: dict[str, dict[str, Any]] = {}
     t_start, load_start = time.time(), os.getloadavg()
     for mode in args.modes:
-        res: dict[str, Any] = {}
-        for _ in range(2):  # interleaved repeats of the headline pair; keep the faster of each
-            for name, fn in (
-                ("non-dp", partial(time_non_dp, data, mode, b)),
-                ("microbatch", partial(time_dp, data, mode, b, k, engine="microbatch")),
-                ("fused", partial(time_dp, data, mode, b, k, engine="fused")),
-            ):
-                run = guarded(fn)
-                if name not in res or run.get("seconds", 1e9) < res[name].get("seconds", 1e9):
-                    res[name] = run
-        res["non-dp-poisson"] = guarded(partial(time_plain_poisson, data, mode, b, k))
-        res["fused-unchunked"] = guarded(partial(time_dp, data, mode, b, k, engine="fused", chunk_size=None))
-        for gsm in OPACUS_MODES:
-            res[f"opacus-{gsm}"] = guarded(partial(time_dp, data, mode, b, slow, engine="opacus", grad_sample_mode=gsm))
-        res["torch-func"] = guarded(partial(time_per_sample, torch_func_clipped_sum, data, mode, b, slow))
-        res["microbatch-dense"] = guarded(partial(time_per_sample, dense_microbatch_clipped_sum, data, mode, b, slow))
-        base = res["non-dp"]["microseconds_per_token"]
-        for r in res.values():
-            if "microseconds_per_token" in r:
-                r["ratio_vs_non_dp"] = r["microseconds_per_token"] / base
-        results[mode] = res
-        print(mode, {n: round(r.get("ratio_vs_non_dp", float("nan")), 2) for n, r in res.items()}, flush=True)
+        fns = {name: fn for name, fn in variants(data, mode, b, k).items()
+               if not args.variants or name in args.variants or name == "non-dp"}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in fns}
+        for repeat in range(args.repeat):
+            for name, fn in fns.items():
+                load = os.getloadavg()[0]
+                runs[name].append(guarded(fn) | {"load": load})
+            res = {name: median_run(r) for name, r in runs.items()}
+            base = res["non-dp"].get("microseconds_per_token", math.nan)
+            for r in res.values():
+                if "microseconds_per_token" in r:
+                    r["ratio_vs_non_dp"] = r["microseconds_per_token"] / base
+            results[mode] = res | {"repeats_done": repeat + 1}
+            write_report(args, data, results, t_start, load_start)  # after every repeat: a killed run keeps its data
+            print(mode, repeat + 1, {n: round(r.get("ratio_vs_non_dp", math.nan), 2) for n, r in res.items()},
+                  flush=True)
+
+
+def write_report(args: argparse.Namespace, data: Encoded, results: dict[str, Any], t_start: float,
+                 load_start: tuple[float, float, float]) -> None:
+    b, k = args.batch_size, args.steps
     report = {
         "command": "python " + " ".join(sys.argv),
         "setup": {
             "model": ModelConfig().to_dict(), "examples": args.examples, "batch_size": b, "max_len": args.max_len,
+            "steps": k, "repeat": args.repeat,
+            "ratio_baseline": "non-dp (length-bucketed, what a non-private client runs)",
             "mean_length": float(data.lengths.mean()), "median_length": float(np.median(data.lengths)),
             "noise_multiplier": SIGMA, "max_grad_norm": CLIP, "optimizer": "adam", "threads": 1,
             "torch": torch.__version__, "opacus": opacus.__version__, "cpu": platform.processor() or platform.machine(),
@@ -249,7 +283,6 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@
     FEDRNN_DATA_DIR=../shared/data python benchmarks/bench_simulate.py [--part default|plain|scale|all]
 
 * ``default``: ``python -m fedrnn.simulate --clients 100`` (teacher cached): wall time
-  (target <= 180 s) and simulation efficiency = clients' local training seconds / wall
-  seconds (target >= 0.8).
-* ``plain``: the same training (100 clients, 10 per round, 20 rounds, the default local work)
-  on a plain Flower app with default client resources (``benchmarks/plain_flower.py``)
-  against fedrnn, alternated ``--repeat`` times; target: fedrnn >= 2x faster. Also records
-  the machine's busy CPU seconds during each run: fedrnn's busy seconds / cores is a floor
-  on its wall time, hence a bound on the speed-up any scheduling could reach.
+  (target <= 180 s) and per-core efficiency = clients' training CPU seconds / (round-loop
+  wall x cores).
+* ``plain``: the same training (100 clients, 10 per round, ``--rounds``, the default local
+  work) on plain Flower 1.42 apps (``benchmarks/plain_flower.py``): the *tuned* app (one
+  SuperNode per client, 1 CPU and 1 torch thread per client, teacher and data cached per
+  worker) is the baseline; the *default-resources* app is a second row. fedrnn, tuned and
+  default alternate ``--repeat`` times; target: fedrnn >= 2x faster than the tuned app
+  (median walls). Each fedrnn run's client jobs are also replayed back to back in one
+  process (``benchmarks/serial_jobs.py``): T(serial) / T(run) is the engine's parallel gain.
+* ``growth``: 10, 50 and 100 clients per round (of 100, the scale config's fixed work per
+  client, Amazon target): wall time and peak memory, plotted to ``benchmarks/results/growth.png``.
 * ``scale``: 100 vs 10,000 clients at 10 per round, identical work per sampled client
   (IMDB target, one local step of batch 2, no federated evaluation): wall time and peak
   memory of the whole process tree (driver + Ray); target: 10,000 within 1.2x of 100. Run it
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +39,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from fedrnn.federation.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "simulate.json"
@@ -45,7 +52,23 @@ def busy_core_seconds() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def run_measured(cmd: list[str], cwd: Path = ROOT) -> dict:
+RAY_START_FAILED = "timed out during startup"  # Ray gives its raylet 30 s, which a loaded machine can miss
+
+
+def run_measured(cmd: list[str], cwd: Path = ROOT, attempts: int = 3) -> dict:
+    """``_run_measured``, retried (up to ``attempts``) when Ray itself failed to start: no work was done."""
+    for attempt in range(attempts):
+        try:
+            return _run_measured(cmd, cwd) | {"ray_start_retries": attempt}
+        except RuntimeError as e:
+            if RAY_START_FAILED not in str(e) or attempt == attempts - 1:
+                raise
+            if "--out" in cmd:  # the failed start left a run directory behind; a new run needs it gone
+                shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _run_measured(cmd: list[str], cwd: Path = ROOT) -> dict:
     """Run a command: wall time, machine-wide busy CPU seconds (a floor on the wall time is
     busy / cores) and peak summed RSS of its whole process tree (sampled at 5 Hz)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -84,11 +107,25 @@ def simulate(out: Path, *args: str) -> dict:
     m.pop("log_tail")
     return {
         **m,
-        "efficiency_loop": summary["simulation_efficiency"],
-        "efficiency_total": summary["client_train_seconds"] / m["wall_seconds"],
+        "loop_wall_seconds": summary["wall_seconds"],
+        "efficiency_per_core": summary["efficiency_per_core"],
         "client_train_seconds": summary["client_train_seconds"],
+        "client_cpu_seconds": summary["client_cpu_seconds"],
         "target_accuracy": summary["final"].get("target_accuracy"),
+        "profile": round_profile(out, summary["cores"]),
     }
+
+
+def round_profile(run_dir: Path, cores: int) -> dict:
+    """Where a round's wall time goes, summed over the run's rounds: clients' training (their CPU
+    seconds spread over the cores), evaluation (server-side and federated), and the rest (engine:
+    messages, Ray, aggregation, checkpoints, and cores idling while the slowest client finishes)."""
+    rows = [r for r in RunDir(run_dir).read_metrics() if r["round"] >= 1]
+    wall = sum(r["round_seconds"] for r in rows)
+    compute = sum(r["client_cpu_seconds"] for r in rows) / cores
+    evaluation = sum(r.get("eval_seconds", 0.0) for r in rows)
+    return {"rounds": len(rows), "round_seconds": wall, "client_compute_seconds_per_core": compute,
+            "evaluation_seconds": evaluation, "engine_and_idle_seconds": wall - compute - evaluation}
 
 
 def part_default(tmp: Path) -> dict:
@@ -105,27 +142,46 @@ import json, sys
 sys.path.insert(0, {str(ROOT / "benchmarks")!r})  # a site-packages "benchmarks" package would shadow ours
 from plain_flower import run_plain
 cfg, rounds, per_round, clients = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-print("RESULT", json.dumps(run_plain(cfg, rounds, per_round, clients)))
+print("RESULT", json.dumps(run_plain(cfg, rounds, per_round, clients, tuned=sys.argv[5] == "tuned")))
 """
 
 
-def part_plain(tmp: Path, rounds: int = 20, repeat: int = 1) -> dict:
-    """fedrnn and the plain app, alternated ``repeat`` times (timings on a shared 2-core machine
-    vary by 10-15% run to run); the speed-up is the ratio of the medians."""
+def plain_app(prepared: dict, rounds: int, variant: str) -> dict:
+    """One run of a plain Flower app (``benchmarks/plain_flower.py``): ``tuned`` or ``default`` resources."""
+    load = os.getloadavg()[0]
+    m = run_measured([sys.executable, "-c", PLAIN, json.dumps(prepared), str(rounds), "10", "100", variant])
+    line = next(ln for ln in m["log_tail"].splitlines() if ln.startswith("RESULT"))
+    plain = json.loads(line[len("RESULT ") :])
+    cores = psutil.cpu_count()
+    return {"wall_seconds": m["wall_seconds"], "loop_wall_seconds": plain["wall_seconds"],
+            "busy_core_seconds": m["busy_core_seconds"], "client_train_seconds": plain["client_train_seconds"],
+            "client_cpu_seconds": plain["client_cpu_seconds"],
+            "efficiency_per_core": plain["client_cpu_seconds"] / (plain["wall_seconds"] * cores),
+            "load_average_1min_before": load}
+
+
+def serial(run_dir: Path) -> dict:
+    """The fedrnn run's client jobs back to back in one process (``benchmarks/serial_jobs.py``)."""
+    load = os.getloadavg()[0]
+    m = run_measured([sys.executable, str(ROOT / "benchmarks" / "serial_jobs.py"), str(run_dir)])
+    return json.loads(m["log_tail"].strip().splitlines()[-1]) | {"load_average_1min_before": load}
+
+
+def part_plain(tmp: Path, rounds: int = 20, repeat: int = 3, default_every: int = 1) -> dict:
+    """fedrnn, the tuned plain app and (every ``default_every``-th pair) the default-resources app,
+    alternated ``repeat`` times in one invocation; speed-ups are ratios of medians. Each fedrnn
+    run's client jobs are also replayed back to back in one process (``serial``) for T(serial) / T(run).
+    Timings on the shared 2-core machine vary with the others' load: each run records the 1-minute
+    load average before it, so pairs measured under different loads can be told apart.
+    """
     runs: list[dict] = []
     for i in range(repeat):
         fed_out = tmp / f"fedrnn-plain-cmp-{i}"
-        fed = simulate(
-            fed_out,
-            "--clients",
-            "100",
-            "--rounds",
-            str(rounds),
-            "--config",
-            str(ROOT / "benchmarks" / "plain_compare.toml"),
-        )
+        load = os.getloadavg()[0]
+        fed = simulate(fed_out, "--clients", "100", "--rounds", str(rounds),
+                       "--config", str(ROOT / "benchmarks" / "plain_compare.toml"))
         prepared = {
-            "teacher-path": str((ROOT / "cache" / "teacher").resolve()),
+            "teacher-path": str((Path(os.environ.get("FEDRNN_CACHE_DIR", ROOT / "cache")) / "teacher").resolve()),
             "target-path": _target_path(),
             "partitions-path": str(fed_out / "partitions.npz"),
             "mode": "fine-tune",
@@ -135,27 +191,25 @@ def part_plain(tmp: Path, rounds: int = 20, repeat: int = 1) -> dict:
             "holdout-fraction": 0.2,
             "seed": 0,
         }
-        m = run_measured([sys.executable, "-c", PLAIN, json.dumps(prepared), str(rounds), "10", "100"])
-        line = next(ln for ln in m["log_tail"].splitlines() if ln.startswith("RESULT"))
-        plain = json.loads(line[len("RESULT ") :])
-        runs.append(
-            {
-                "fedrnn_wall_seconds": fed["wall_seconds"],
-                "plain_wall_seconds": m["wall_seconds"],
-                "fedrnn_busy_core_seconds": fed["busy_core_seconds"],
-                "plain_busy_core_seconds": m["busy_core_seconds"],
-                "fedrnn_client_train_seconds": fed["client_train_seconds"],
-                "plain_client_train_seconds": plain["client_train_seconds"],
-            }
-        )
-    median = {k: float(statistics.median(r[k] for r in runs)) for k in runs[0]}
+        row = {"fedrnn": fed | {"load_average_1min_before": load}, "tuned": plain_app(prepared, rounds, "tuned")}
+        if default_every and i % default_every == 0:
+            row["default"] = plain_app(prepared, rounds, "default")
+        row["serial"] = serial(fed_out)
+        runs.append(row)
+        print(f"pair {i}:", json.dumps(row), flush=True)
+    med = {app: float(statistics.median(r[app]["wall_seconds"] for r in runs if app in r))
+           for app in ("fedrnn", "tuned", "default") if any(app in r for r in runs)}
+    fed_loop = float(statistics.median(r["fedrnn"]["loop_wall_seconds"] for r in runs))
     return {
         "rounds": rounds,
         "runs": runs,
-        "median": median,
-        "speedup": median["plain_wall_seconds"] / median["fedrnn_wall_seconds"],
-        # the most any engine could gain over the plain app with fedrnn's CPU work on these cores
-        "speedup_bound": median["plain_wall_seconds"] / (median["fedrnn_busy_core_seconds"] / psutil.cpu_count()),
+        "median_wall_seconds": med,
+        "speedup_vs_tuned": med["tuned"] / med["fedrnn"],
+        "speedup_vs_default": med["default"] / med["fedrnn"] if "default" in med else None,
+        # T(the same client jobs back to back in one process) / T(fedrnn's round loop)
+        "serial_over_run": float(statistics.median(r["serial"]["serial_job_seconds"] for r in runs)) / fed_loop,
+        "efficiency_per_core": {app: float(statistics.median(r[app]["efficiency_per_core"] for r in runs if app in r))
+                                for app in med},
         "target_speedup": 2.0,
     }
 
@@ -178,13 +232,50 @@ def part_scale(tmp: Path) -> dict:
     }
 
 
+def part_growth(tmp: Path, per_round: tuple[int, ...] = (10, 50, 100), rounds: int = 3) -> dict:
+    """Wall time and peak memory (driver + Ray) against clients per round: 10, 50, 100 of 100 Amazon
+    clients, each doing the scale config's fixed work (one local step of batch 2), so what grows is
+    the engine's per-client cost. Plots ``benchmarks/results/growth.png``."""
+    cfg = str(ROOT / "benchmarks" / "scale.toml")
+    rows = {}
+    for k in per_round:
+        load = os.getloadavg()[0]
+        r = simulate(tmp / f"growth-{k}", "--config", cfg, "--target", "amazon", "--clients", "100",
+                     "--clients-per-round", str(k), "--rounds", str(rounds))
+        rows[str(k)] = r | {"load_average_1min_before": load, "seconds_per_round": r["loop_wall_seconds"] / rounds}
+        print(f"growth {k}:", json.dumps(rows[str(k)]), flush=True)
+    _plot_growth(rows, RESULTS.parent / "growth.png")
+    return {"rounds": rounds, "clients": 100, "per_round": rows, "plot": "benchmarks/results/growth.png"}
+
+
+def _plot_growth(rows: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [int(k) for k in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ks, [rows[str(k)]["seconds_per_round"] for k in ks], "o-")
+    a.set(xlabel="clients per round", ylabel="round-loop seconds per round", title="wall time")
+    b.plot(ks, [rows[str(k)]["peak_rss_mb"] for k in ks], "o-")
+    b.set(xlabel="clients per round", ylabel="peak RSS, MB (driver + Ray)", title="memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["default", "plain", "scale", "all"], default="all")
+    p.add_argument("--part", choices=["default", "plain", "scale", "growth", "all"], default="all")
     p.add_argument("--repeat", type=int, default=3, help="alternated fedrnn/plain pairs in the plain part")
+    p.add_argument("--rounds", type=int, default=20, help="rounds of the plain part's job")
+    p.add_argument("--default-every", type=int, default=1,
+                   help="run the default-resources app in every k-th pair only (0 = never)")
     a = p.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    parts = {"default": part_default, "plain": lambda tmp: part_plain(tmp, repeat=a.repeat), "scale": part_scale}
+    parts = {"default": part_default, "plain": lambda tmp: part_plain(tmp, a.rounds, a.repeat, a.default_every),
+             "scale": part_scale, "growth": part_growth}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in parts.items():
             if a.part in (name, "all"):

@@ -77,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
     local = LocalTrainConfig(
         lr=task.lr, epochs=task.local_epochs, batch_size=task.batch_size, max_steps=task.max_steps,
         proximal_mu=task.proximal_mu, clip_norm=task.clip_norm,
-        seed=task.seed * 1_000_003 + task.server_round * 1009 + task.client_id,
+        seed=task.seed * 1_000_003 + task.server_round * 1009 + task.client_id, frozen_cache_mb=task.frozen_cache_mb,
     )
     if RecordDP.present(cfg):  # record-level DP-SGD, accounted across rounds (fedrnn.plugins.record_dp)
         arrays, metrics, privacy = record_dp_train(model, poison_data(data, kind), local, names, task,

@@ -12,6 +12,7 @@ Results land in ``runs/NAME/`` (see ``fedrnn.federation.rundir``).
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -145,6 +146,17 @@ def resume_run(a: argparse.Namespace) -> Run:
     return Run(cfg, rd)
 
 
+def core_efficiency(totals: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """Client CPU seconds / (round-loop wall x cores the run was given): 1.0 = every core trained all the time.
+
+    Summed client *wall* seconds over wall time would grow with slower (contended) clients and
+    with the number of actors; CPU seconds per core cannot pass 1.
+    """
+    cores = min(cfg.simulation.actors * cfg.simulation.threads_per_actor, os.cpu_count() or 1)
+    return {"cores": cores,
+            "efficiency_per_core": totals["client_cpu_seconds"] / max(totals["wall_seconds"] * cores, 1e-9)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     console = Console()
@@ -168,15 +180,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {e}\n(the run stopped; once the cause is fixed, continue it with "
                          f"`{resume_command(run.dir.path)}`)") from None
     wall = time.perf_counter() - t0
-    summary = {
-        **totals,
-        "wall_seconds_this_invocation": wall,
-        "simulation_efficiency": totals["client_train_seconds"] / max(totals["wall_seconds"], 1e-9),
-    }
+    summary = {**totals, "wall_seconds_this_invocation": wall, **core_efficiency(totals, run.cfg)}
     write_json(run.dir.path / SUMMARY, summary)
     console.print(
         f"[bold green]done[/]: {run.dir.path}  target accuracy {accuracy(summary['final'].get('target_accuracy'))}  "
-        f"wall {wall:.0f} s  efficiency {summary['simulation_efficiency']:.2f}", highlight=False, soft_wrap=True
+        f"wall {wall:.0f} s  per-core efficiency {summary['efficiency_per_core']:.2f}", highlight=False, soft_wrap=True
     )
     return summary
 

@@ -40,6 +40,7 @@ def test_overrides_apply() -> None:
         ({"run": {"rounds": True}}, "run.rounds"),
         ({"client": {"lr": 0.0}}, "client.lr"),
         ({"server": {"server_momentum": 1.0}}, "server.server_momentum"),
+        ({"server": {"keep_checkpoints": -1}}, "server.keep_checkpoints"),
         ({"client": {"batch_size": 0}}, "client.batch_size"),
         ({"client": {"holdout_fraction": 1.0}}, "client.holdout_fraction"),
         ({"run": {"colour": "red"}}, "run.colour"),

@@ -292,6 +292,7 @@ max_steps = 3
 [server]
 retention_examples = 64
 target_test_examples = 128
+keep_checkpoints = 0
 [privacy]
 record_level = true
 target_epsilon = 2.0

@@ -10,8 +10,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedrnn.edge.quantize import (
+    BLOCK4,
     QMAX,
+    SCALE4_SUFFIX,
     SCALE_SUFFIX,
+    SHAPE_SUFFIX,
     ErrorFeedback,
     QuantizationError,
     decode,
@@ -218,3 +221,56 @@ def test_error_feedback_state_round_trips_through_numpy() -> None:
         restored.compress({"w": np.ones((2, 2), np.float32)})
     with pytest.raises(QuantizationError, match="w: residual must be a finite float32"):
         ErrorFeedback({"w": np.array([np.inf], np.float32)})
+
+
+# ---------------------------------------------------------------------------------------------- int4
+
+finite16 = st.floats(min_value=-60000.0, max_value=60000.0, width=32)  # within the int4 codec's float16 scales
+
+
+@settings(max_examples=150, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40), elements=finite16))
+def test_int4_error_at_most_half_a_block_step(x: np.ndarray) -> None:
+    payload = encode({"w": x}, bits=4)
+    got = decode(payload, expected={"w": x.shape})["w"]
+    assert got.shape == x.shape and got.dtype == np.float32
+    scale = np.repeat(payload["w" + SCALE4_SUFFIX].astype(np.float64), BLOCK4)[: x.size].reshape(x.shape)
+    err = np.abs(got.astype(np.float64) - x.astype(np.float64))
+    assert (err <= scale / 2 * (1 + 1e-3) + np.abs(x) * FLOAT_EPS + 1e-30).all()
+
+
+def test_int4_is_about_7x_smaller_than_float32_on_the_fine_tune_tensors() -> None:
+    model = SentimentRNN(ModelConfig())
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items() if k.startswith(("rnn.1.", "head."))}
+    fp32, int8, int4 = (payload_nbytes(p) for p in (sd, encode(sd), encode(sd, bits=4)))
+    assert fp32 / int8 < 4 < 6.5 < fp32 / int4 < 8
+
+
+def test_int4_error_feedback_carries_the_rounding_error() -> None:
+    rng = np.random.default_rng(0)
+    ef, sent_sum, true_sum = ErrorFeedback(bits=4), np.zeros(300, np.float32), np.zeros(300, np.float32)
+    for _ in range(20):
+        u = rng.normal(0, 0.01, 300).astype(np.float32)
+        true_sum += u
+        sent_sum += decode(ef.compress({"u": u}))["u"]
+    # what reached the server differs from the true sum by one residual, not 20 rounds of rounding error
+    np.testing.assert_allclose(sent_sum + ef.state()["u"], true_sum, atol=1e-5)
+    assert np.abs(ef.state()["u"]).max() < 0.01
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (lambda p: p.pop("w" + SHAPE_SUFFIX), "needs both"),
+        (lambda p: p.__setitem__("w", p["w"][:-1]), "packed bytes"),
+        (lambda p: p.__setitem__("w" + SCALE4_SUFFIX, p["w" + SCALE4_SUFFIX].astype(np.float32)), "expected float16"),
+        (lambda p: p["w" + SCALE4_SUFFIX].__setitem__(0, np.inf), "finite"),
+        (lambda p: p["w"].__setitem__(0, 0), "value -8"),
+        (lambda p: p.__setitem__("w" + SHAPE_SUFFIX, np.array([-1, 5])), "sizes >= 0"),
+    ],
+)
+def test_malformed_int4_payload_is_named(corrupt, match: str) -> None:
+    payload = encode({"w": np.arange(70, dtype=np.float32).reshape(7, 10)}, bits=4)
+    corrupt(payload)
+    with pytest.raises(QuantizationError, match=match):
+        decode(payload)

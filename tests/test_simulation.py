@@ -92,13 +92,24 @@ def test_run_writes_everything(finished_run: Path) -> None:
         assert {f"target_accuracy/{c}" for c in ("books", "dvd", "electronics", "kitchen")} <= set(r)
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["final"]["round"] == 3 and summary["client_train_seconds"] > 0
+    # per-core efficiency: client CPU seconds over (wall x cores) cannot pass 1, whatever the load
+    assert 0 < summary["efficiency_per_core"] <= 1 and summary["cores"] == 2
+    assert 0 < summary["client_cpu_seconds"] <= summary["client_train_seconds"] * 1.05
+    for r in rows[1:]:  # float32 both ways: the float32 reference is what travelled
+        assert r["bytes_down"] == r["bytes_down_float32"] and r["bytes_up"] == r["bytes_up_float32"]
+        assert r["bytes_down_extra"] == 0 and 0 < r["eval_seconds"] < r["round_seconds"]
     for name in ("accuracy.png", "loss.png", "config.json", "partitions.npz"):
         assert (finished_run / name).stat().st_size > 0
+    # the last 2 rounds (server.keep_checkpoints default) and the best by target accuracy
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == [
-        "round_001.safetensors",
+        "best.json",
+        "best.safetensors",
         "round_002.safetensors",
         "round_003.safetensors",
     ]
+    best = RunDir(finished_run).best()
+    assert best["target_accuracy"] == max(r["target_accuracy"] for r in rows[1:])
+    assert best["target_accuracy"] == next(r["target_accuracy"] for r in rows if r["round"] == best["round"])
 
 
 def test_only_trainable_tensors_travel(finished_run: Path, tiny_teacher: tuple[Path, dict]) -> None:
@@ -167,6 +178,11 @@ def test_same_seed_same_metrics_and_resume_after_kill(
     )
     for a, b in zip(resumed, reference, strict=True):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+    # the retained checkpoints of the resumed run are those of the uninterrupted one, bit for bit
+    for name in ("round_002.safetensors", "round_003.safetensors", "best.safetensors"):
+        assert (out / "checkpoints" / name).read_bytes() == (finished_run / "checkpoints" / name).read_bytes()
+    assert not (out / "checkpoints" / "round_001.safetensors").exists()
+    assert RunDir(out).best() == RunDir(finished_run).best()
 
 
 def test_bad_config_value_is_named(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:

@@ -45,7 +45,7 @@ TIMEOUT = 420
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
-    ({"compression": {"downlink": "int4"}}, "compression.downlink"),
+    ({"compression": {"downlink": "int2"}}, "compression.downlink"),
     ({"compression": {"error_feedback": True}}, "compression.error_feedback"),
     ({"compression": {"rounding": "stochastic"}}, "compression.rounding"),
     ({"distill": {"cell": "rnn"}}, "distill.cell"),
@@ -113,6 +113,25 @@ def test_int8_update_round_trip_lands_on_the_master_weights(tmp_path: Path) -> N
     for k in w:  # w + update (within one stochastic-rounding step), not q(w) + update
         assert got[k].dtype == np.float32
         np.testing.assert_allclose(got[k], w[k] + update[k], rtol=0, atol=np.abs(update[k]).max() / 127 * 1.01)
+
+
+def test_int4_both_ways_with_error_feedback_lands_on_the_master_weights(tmp_path: Path) -> None:
+    plugin = _plugin(tmp_path, downlink="int4", uplink="int4", error_feedback=True)
+    w = _arrays()
+    payload = plugin.encode_down(w, 1, MessageType.TRAIN)
+    assert payload["head.bias"].dtype == np.uint8  # two int4 values a byte
+    received = decode_downlink(to_record(payload))
+    rng = np.random.default_rng(1)
+    update = {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in received.items()}
+    cfg, t = _client_cfg(tmp_path, 1, 3, uplink="int4", **{"error-feedback": True})
+    up = encode_uplink(cfg, t, {k: received[k] + update[k] for k in received}, received,
+                       Context(0, 0, {}, RecordDict(), {}), simulated=True)
+    assert (tmp_path / CLIENT_STATE_DIR / "3.npz").is_file()  # the residual is kept for the next round
+    kept, metrics = plugin.on_replies(round_info(1), [_reply(up, 3)])
+    assert len(kept) == 1 and metrics["uplink_rejected"] == 0
+    got = {k: v.numpy() for k, v in kept[0].content["arrays"].items()}
+    for k in w:  # w + update within half an int4 step of the update's range
+        np.testing.assert_allclose(got[k], w[k] + update[k], rtol=0, atol=np.abs(update[k]).max() / 7 / 2 * 1.01)
 
 
 def test_float_reply_to_int8_broadcast_is_rebased(tmp_path: Path) -> None:
@@ -279,7 +298,7 @@ def test_int8_wire_counts_and_student_metrics(student_run: Path, tiny_teacher: t
         # the student: distilled every round, evaluated on the server, shipped as int8 to the 4 clients
         assert 0 <= r["student_target_accuracy"] <= 1 and 0 <= r["student_int8_target_accuracy"] <= 1
         assert r["student_params"] < r["student_int8_bytes"] and 4 * r["student_params"] < r["student_fp32_bytes"]
-        assert r["student_bytes_shipped"] == n * r["student_int8_bytes"]
+        assert r["student_bytes_shipped"] == n * r["student_int8_bytes"] == r["bytes_down_extra"]  # extra downlink
         assert r["student_device_clients"] == n and 0 <= r["student_device_accuracy_mean"] <= 1
     assert rows[1]["student_distill_loss_end"] < rows[1]["student_distill_loss_start"]  # fresh student learns
     # error-feedback residuals: one file per client that sent an int8 update

@@ -26,7 +26,7 @@ from fedrnn.model.rnn import CELLS, TRANSFER_MODES
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 TARGETS = ("amazon", "imdb")
 DEADLINE_POLICIES = ("drop", "partial", "wait")
-WIRE_DTYPES = ("float32", "int8")
+WIRE_DTYPES = ("float32", "int8", "int4")
 ROUNDINGS = ("nearest", "stochastic")
 ATTACKS = ("sign-flip", "scale", "label-flip")
 CLIENT_DP = ("off", "fixed", "adaptive")
@@ -118,6 +118,7 @@ class ClientSection:
     clip_norm: float = 1.0
     holdout_fraction: float = 0.2  # of each shard, for federated evaluation
     deadline_s: float = 0.0  # a client job running longer is aborted, freeing its worker; 0 = server.timeout_s
+    frozen_cache_mb: int = 0  # fine-tune: replay the frozen bottom layer across local epochs (MB cap; 0 = off)
 
     def validate(self) -> None:
         _check(self.local_epochs >= 1, "client.local_epochs", "must be >= 1", self.local_epochs)
@@ -128,6 +129,7 @@ class ClientSection:
         _check(self.clip_norm > 0, "client.clip_norm", "must be > 0", self.clip_norm)
         _check(0 < self.holdout_fraction < 1, "client.holdout_fraction", "must be in (0, 1)", self.holdout_fraction)
         _check(self.deadline_s >= 0, "client.deadline_s", "must be >= 0 (0 = server.timeout_s)", self.deadline_s)
+        _check(self.frozen_cache_mb >= 0, "client.frozen_cache_mb", "must be >= 0 (0 = off)", self.frozen_cache_mb)
 
 
 @dataclass
@@ -144,8 +146,11 @@ class ServerSection:
     # A run stops with an error when a round's clients all fail, or more than this fraction of
     # the training jobs sent so far has failed (1 = only the all-failed round stops it).
     max_failure_fraction: float = 0.5
+    keep_checkpoints: int = 2  # round checkpoints kept (the last ones; plus the best); 0 = every round's
 
     def validate(self) -> None:
+        _check(self.keep_checkpoints >= 0, "server.keep_checkpoints", "must be >= 0 (0 = every round's)",
+               self.keep_checkpoints)
         _check(self.server_lr > 0, "server.server_lr", "must be > 0", self.server_lr)
         _check(0 <= self.server_momentum < 1, "server.server_momentum", "must be in [0, 1)", self.server_momentum)
         _check(self.eval_every >= 1, "server.eval_every", "must be >= 1", self.eval_every)
@@ -257,25 +262,26 @@ class DistillSection:
 
 @dataclass
 class CompressionSection:
-    """What travels as int8 (see ``fedrnn.plugins.compression``); float32 both ways by default."""
+    """What travels as int8 or int4 (see ``fedrnn.plugins.compression``); float32 both ways by default."""
 
-    downlink: str = "float32"  # the global tensors sent to clients: float32 | int8 (per-row scales)
-    uplink: str = "float32"  # clients' replies: float32 weights | int8 updates (delta from what they received)
-    rounding: str = "nearest"  # int8 uplink rounding: nearest | stochastic (unbiased)
-    error_feedback: bool = False  # int8 uplink: carry each client's rounding residual into its next update
+    downlink: str = "float32"  # the global tensors sent to clients: float32 | int8 (per-row scales) | int4 (blocks)
+    uplink: str = "float32"  # clients' replies: float32 weights | int8 / int4 updates (delta from what they received)
+    rounding: str = "nearest"  # quantized uplink rounding: nearest | stochastic (unbiased)
+    error_feedback: bool = False  # quantized uplink: carry each client's rounding residual into its next update
 
     def validate(self) -> None:
         _check(self.downlink in WIRE_DTYPES, "compression.downlink", f"must be one of {WIRE_DTYPES}", self.downlink)
         _check(self.uplink in WIRE_DTYPES, "compression.uplink", f"must be one of {WIRE_DTYPES}", self.uplink)
         _check(self.rounding in ROUNDINGS, "compression.rounding", f"must be one of {ROUNDINGS}", self.rounding)
-        _check(self.rounding == "nearest" or self.uplink == "int8", "compression.rounding",
-               "applies to the int8 uplink only; set compression.uplink = \"int8\"", self.rounding)
-        _check(not self.error_feedback or self.uplink == "int8", "compression.error_feedback",
-               "applies to the int8 uplink only; set compression.uplink = \"int8\"", self.error_feedback)
+        _check(self.rounding == "nearest" or self.uplink != "float32", "compression.rounding",
+               "applies to a quantized uplink only; set compression.uplink = \"int8\" or \"int4\"", self.rounding)
+        _check(not self.error_feedback or self.uplink != "float32", "compression.error_feedback",
+               "applies to a quantized uplink only; set compression.uplink = \"int8\" or \"int4\"",
+               self.error_feedback)
 
     @property
     def active(self) -> bool:
-        return self.downlink == "int8" or self.uplink == "int8"
+        return self.downlink != "float32" or self.uplink != "float32"
 
 
 @dataclass

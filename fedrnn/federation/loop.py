@@ -37,6 +37,11 @@ from fedrnn.federation.wire import from_record, record_nbytes, to_record
 from fedrnn.model.rnn import SentimentRNN, trainable_names
 
 TRAIN_SECONDS, TRAIN_LOSS = TrainReport.key("train_seconds"), TrainReport.key("train_loss")
+TRAIN_CPU = TrainReport.key("train_cpu_seconds")
+# bytes_down_extra: downlink beyond the training broadcast (e.g. a shipped student); *_float32: what float32
+# FedAvg would have sent and received in the same mode, the denominator of any compression claim
+TOTALS = ("client_train_seconds", "client_cpu_seconds", "bytes_down", "bytes_up", "bytes_down_extra",
+          "bytes_down_float32", "bytes_up_float32", "failures")
 
 
 class Placement(Protocol):
@@ -157,7 +162,7 @@ class Federation:
         for plugin in self.plugins:
             strategy = plugin.wrap_strategy(strategy)
         self.strategy = strategy
-        self.run_dir = RunDir(files.run_dir)
+        self.run_dir = RunDir(files.run_dir, cfg.server.keep_checkpoints)
         self.base = load_base(files.teacher_dir)
         self.target = load_target(files.target_path)
         self.evaluator = ServerEvaluator(self.target, cfg.server.target_test_examples, cfg.run.seed)
@@ -190,6 +195,7 @@ class Federation:
             holdout_fraction=c.holdout_fraction, threads=self.cfg.simulation.threads_per_actor,
             deadline_s=c.deadline_s or self.cfg.server.timeout_s, teacher_path=self.files.teacher_dir,
             target_path=self.files.target_path, partitions_path=self.files.partitions_path,
+            frozen_cache_mb=c.frozen_cache_mb,
         )
 
     def encode_down(self, arrays: dict[str, np.ndarray], rnd: int, message_type: str) -> dict[str, np.ndarray]:
@@ -232,8 +238,7 @@ class Federation:
 
     # ------------------------------------------------------------------ resume
     def _restore(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
-        arrays, totals = self.initial_arrays(), {"client_train_seconds": 0.0, "bytes_down": 0, "bytes_up": 0,
-                                                 "failures": 0}
+        arrays, totals = self.initial_arrays(), dict.fromkeys(TOTALS, 0)
         resumed = self.run_dir.load_state()
         if resumed is None:
             return 1, arrays, totals
@@ -250,7 +255,7 @@ class Federation:
         last = int(state["round"])
         self.run_dir.truncate_metrics(last)
         self.console.print(f"[bold]resuming[/] {self.run_dir.path} after round {last}")
-        return last + 1, arrays, state["totals"]
+        return last + 1, arrays, totals | state["totals"]
 
     def _checkpoint(self, rnd: int, arrays: dict[str, np.ndarray], totals: dict[str, Any], row: dict[str, Any]) -> None:
         saved = {f"global/{k}": v for k, v in arrays.items()}
@@ -262,7 +267,7 @@ class Federation:
             saved |= {f"plugin/{plugin.name}/{k}": v for k, v in arr.items()}
         self.run_dir.append_metrics(row)
         self.run_dir.save_round(rnd, self.global_model(arrays).state_dict(), saved,
-                                {"totals": totals, "plugins": plugin_json})
+                                {"totals": totals, "plugins": plugin_json}, row.get("target_accuracy"))
 
     # ------------------------------------------------------------------ the loop
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -276,7 +281,7 @@ class Federation:
         for rnd in range(start, cfg.run.rounds + 1):
             row = self.round(grid, rnd, arrays)
             arrays, answered = row.pop("_arrays"), row.pop("_replies")
-            for key in ("client_train_seconds", "bytes_down", "bytes_up", "failures"):
+            for key in TOTALS:
                 totals[key] += row[key]
             for hook in self.on_round:
                 hook(row)
@@ -310,8 +315,10 @@ class Federation:
         info.sent = {m.metadata.message_id: c for m, c in zip(msgs, running, strict=True)}
         ok = sorted((r for r in replies if not r.has_error()),
                     key=lambda r: info.sent.get(r.metadata.reply_to_message_id, -1))
+        fp32 = record_nbytes(to_record(arrays))  # what float32 FedAvg sends each way per client, in this mode
         row: dict[str, Any] = {"round": rnd, "selected": clients, "clients": running, "failures": len(msgs) - len(ok),
-                               "bytes_down": bytes_down,
+                               "bytes_down": bytes_down, "bytes_down_extra": 0, "bytes_down_float32": fp32 * len(msgs),
+                               "bytes_up_float32": fp32 * len(ok),
                                # counted as received: plugins may decode (int8 -> float32) or reject replies
                                "bytes_up": sum(record_nbytes(a) for r in ok for a in r.content.array_records.values())}
         for plugin in self.plugins:
@@ -321,6 +328,7 @@ class Federation:
         row |= {
             "trained": len(ok),
             "client_train_seconds": sum(float(r.content[METRICS][TRAIN_SECONDS]) for r in ok),
+            "client_cpu_seconds": sum(float(r.content[METRICS].get(TRAIN_CPU, 0.0)) for r in ok),
             "train_loss": float(np.mean([r.content[METRICS][TRAIN_LOSS] for r in ok])) if ok else None,
         }
         if ok:
@@ -329,10 +337,11 @@ class Federation:
                 arrays = {k: v.astype(np.float32) for k, v in from_record(agg).items()}
         for plugin in self.plugins:
             row |= plugin.after_aggregate(info, grid, arrays)
+        t_eval = time.perf_counter()
         if rnd % cfg.server.eval_every == 0 or rnd == cfg.run.rounds:
             row |= self._federated_evaluation(grid, rnd, arrays, rng, running, answered.evaluated)
             row |= self.evaluator(self.global_model(arrays))
-        row["round_seconds"] = time.perf_counter() - t0
+        row["round_seconds"], row["eval_seconds"] = time.perf_counter() - t0, time.perf_counter() - t_eval
         row["_arrays"], row["_replies"] = arrays, answered
         return row
 

@@ -128,6 +128,7 @@ class Task(Schema):
     partitions_path: str
     train_mode: str = ""  # a device short of memory may train fewer tensors than travel; "" = mode
     proximal_mu: float = 0.0  # FedProx's, added by the strategy
+    frozen_cache_mb: int = 0  # replay the frozen bottom layer across local epochs (fedrnn.model.training.FrozenBottom)
 
     @property
     def trains(self) -> str:
@@ -149,9 +150,9 @@ class RecordDP(Schema):
 
 @dataclass(frozen=True)
 class Uplink(Schema):
-    """Send the update as int8 (``fedrnn.plugins.compression``)."""
+    """Send the update quantized (``fedrnn.plugins.compression``)."""
 
-    uplink: str  # "int8"
+    uplink: str  # "int8" | "int4"
     rounding: str  # nearest | stochastic
     error_feedback: bool
     client_state_dir: str  # simulation: where each virtual client's residual lives
@@ -194,6 +195,7 @@ class TrainReport(Schema):
     steps: float = 0.0
     samples: float = 0.0
     client_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # CPU time of the training (wall time on a busy core overstates the work)
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,8 @@ class StudentDistillation(RoundPlugin):
                                 encoded=True)
         acc_key = EvalReport.key("eval_accuracy")
         accs = [float(r.content[METRICS][acc_key]) for r in replies if acc_key in r.content[METRICS]]
-        return {"student_bytes_shipped": record_nbytes(to_record(payload)) * len(clients),
+        shipped = record_nbytes(to_record(payload)) * len(clients)
+        return {"student_bytes_shipped": shipped, "bytes_down_extra": shipped,  # on top of the training broadcast
                 "student_device_clients": len(accs),
                 "student_device_accuracy_mean": float(np.mean(accs)) if accs else None,
                 "student_device_accuracy_p10": percentile(accs, 10) if accs else None}
