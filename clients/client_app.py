@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrnn.data.tokenizer import Encoded
@@ -25,13 +25,25 @@ from fedrnn.federation.local import (
     local_train,
     shard_data,
 )
-from fedrnn.federation.messages import ARRAYS, CONFIG, METRICS, EvalReport, RecordDP, Task, TrainReport
+from fedrnn.federation.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    REPLY_REFUSAL,
+    Attack,
+    EvalReport,
+    Fault,
+    RecordDP,
+    Refusal,
+    Task,
+    TrainReport,
+)
 from fedrnn.federation.wire import state_to_arrays, to_record
 from fedrnn.plugins.attack import attack_of, poison_data, poison_update
 from fedrnn.plugins.compression import decode_downlink, encode_uplink
 from fedrnn.plugins.distill import evaluate_student, is_student_message
 from fedrnn.plugins.faults import inject_fault
-from fedrnn.plugins.record_dp import record_dp_train
+from fedrnn.plugins.record_dp import policy_refusal, record_dp_train
 
 app = ClientApp(mods=[deadline_mod])  # a job past its deadline-s is aborted, freeing its worker
 
@@ -65,9 +77,27 @@ def _setup(msg: Message, context: Context):
     return cfg, task, train, held, model, received
 
 
+def refusal_of(cfg: ConfigRecord, context: Context) -> Refusal | None:
+    """What this client will not do: a fault or attack on a real device, or less privacy than its node policy allows.
+
+    Fault and attack instructions exist for simulated clients in tests and studies; a server that
+    sends them to a real device is trying to crash it or turn it against the run.
+    """
+    if _on_device(context) and (Fault.present(cfg) or Attack.present(cfg)):
+        what = "fault" if Fault.present(cfg) else "attack"
+        return Refusal("instruction", f"a real device does not carry out {what} instructions (simulation only)")
+    why = policy_refusal(cfg, context.node_config)
+    return Refusal("dp", why) if why else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
+    refusal = refusal_of(msg.content[CONFIG], context)
+    if refusal is not None:  # untrained: the server records the reason (fedrnn.plugins.refusals)
+        metrics = {TrainReport.key("client_id"): Task.parse(msg.content[CONFIG]).client_id, refusal.metric: 1.0}
+        return Message(RecordDict({METRICS: MetricRecord(metrics), REPLY_REFUSAL: ConfigRecord(refusal.to_record())}),
+                       reply_to=msg)
     cfg, task, data, _, model, received = _setup(msg, context)
     names = list(received)
     inject_fault(cfg)  # tests and studies only: the server's [faults] section names this client
@@ -77,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
     local = LocalTrainConfig(
         lr=task.lr, epochs=task.local_epochs, batch_size=task.batch_size, max_steps=task.max_steps,
         proximal_mu=task.proximal_mu, clip_norm=task.clip_norm,
-        seed=task.seed * 1_000_003 + task.server_round * 1009 + task.client_id,
+            seed=task.seed * 1_000_003 + task.server_round * 1009 + task.client_id,
     )
     if RecordDP.present(cfg):  # record-level DP-SGD, accounted across rounds (fedrnn.plugins.record_dp)
         arrays, metrics, privacy = record_dp_train(model, poison_data(data, kind), local, names, task,

@@ -99,7 +99,7 @@ def _reply(arrays: dict[str, np.ndarray], client: int, num_examples: int = 10) -
 
 def _client_dp(privacy: dict, rounds: int = 3) -> ClientLevelDP:
     cfg = config_from_dict({"run": {"clients": 20, "clients_per_round": 5, "rounds": rounds, "seed": 3},
-                            "privacy": privacy})
+                            "privacy": privacy, "robust": {"max_norm_ratio": 0.0}})
     strategy = ClientLevelLedger(cfg).wrap_strategy(make_strategy(cfg))
     assert isinstance(strategy, ClientLevelDP)
     return strategy
@@ -298,7 +298,7 @@ target_epsilon = 2.0
 planned_rounds = 2
 {client_level}
 """
-CLIENT_LEVEL = 'client_level = "fixed"\nclients_noise_multiplier = 2.0\nclipping_norm = 0.5'
+CLIENT_LEVEL = 'client_level = "fixed"\nclients_noise_multiplier = 2.0\nclipping_norm = 0.5\n[robust]\nmax_norm_ratio = 0'
 
 
 def _simulate(args: list[str], cache: Path) -> None:

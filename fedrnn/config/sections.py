@@ -376,6 +376,13 @@ class PrivacySection:
         _check(self.client_level == "off" or strategy in ("fedavg", "fedprox"), "run.strategy",
                f"must be fedavg or fedprox with privacy.client_level = {self.client_level!r}", strategy)
 
+    def check_robust(self, robust: RobustSection) -> None:
+        """Under client-level DP no reply may be rejected for how it compares with the others' (the C/m bound)."""
+        _check(self.client_level == "off" or robust.max_norm_ratio == 0, "robust.max_norm_ratio",
+               f"must be 0 with privacy.client_level = {self.client_level!r} (it compares each update with the "
+               f"round's median, which breaks the client-level sensitivity bound C/m; bound updates with "
+               f"robust.max_update_norm instead)", robust.max_norm_ratio)
+
 
 @dataclass
 class PersonalizeSection:
@@ -420,6 +427,7 @@ class RunConfig:
         named = self.faults.raise_clients + self.faults.hang_clients + self.faults.crash_clients
         _check(all(c < self.run.clients for c in named), "faults.*_clients",
                f"must hold client ids < run.clients = {self.run.clients}", named)
+        self.privacy.check_robust(self.robust)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
