@@ -14,9 +14,14 @@ interrupted study continues where it stopped (finished runs are kept, a cut run 
   calibrated so that its expected share of rounds (``ceil(rounds * per_round / clients)``)
   just spends ``epsilon``; a client selected more often than that has spent its budget and
   is not selected again. The reported epsilon is the largest any client spent.
-* client-level: Flower's server-side fixed clipping (``privacy.client_level = "fixed"``) with
-  the noise calibrated so that all rounds together spend ``epsilon``, accounted without
-  amplification by subsampling (see ``fedrnn.plugins.client_dp``).
+* client-level: server-side fixed clipping (``privacy.client_level = "fixed"``; the average of
+  clipped updates over the clients *sampled*, noise from the server's secret key) with the noise
+  calibrated so that all rounds together spend ``epsilon``, accounted without amplification by
+  subsampling (see ``fedrnn.plugins.client_dp``). The reply validator's median-relative norm
+  check is off in these runs (``robust.max_norm_ratio = 0``): client-level DP refuses it.
+
+DP randomness comes from secret keys (``fedrnn.privacy.entropy``) in ``$FEDRNN_STATE_DIR``
+(default ``~/.fedrnn``): the same seed gives the same study on the same machine, with the same keys.
 
 Sized for a shared 2-core CPU (about 10 minutes on a quiet one): the default teacher in
 feature-extraction mode (only the classifier head trains and travels: 514 numbers, which is
@@ -66,6 +71,7 @@ def run_config(a: argparse.Namespace, alpha: float, level: str, eps: float) -> d
     elif level == "client":
         cfg["privacy"] = {"client_level": "fixed", "clients_target_epsilon": eps, "clipping_norm": CLIENT_CLIP,
                           "delta": DELTA}
+        cfg["robust"] = {"max_norm_ratio": 0.0}  # relative to the round's median: breaks the C/m sensitivity
     return cfg
 
 
