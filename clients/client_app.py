@@ -4,6 +4,11 @@ A message's ``Task`` (``fedrnn.federation.messages``) says which virtual client 
 simulation (``client-id`` plus the prepared target and partition files); on a real device (a
 SuperNode started with ``--node-config "data-path=... teacher-path=..."``) the node's own review
 file is used.
+
+A client may refuse an instruction (``refusal_of``): a real device refuses fault and attack
+instructions (those are for simulated clients in tests and studies), and any device refuses
+record-level DP weaker than its node config's policy (``fedrnn.privacy.policy``). It then
+replies untrained, with a ``refusal`` record saying why (``fedrnn.plugins.refusals``).
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ def train(msg: Message, context: Context) -> Message:
     attack = attack_of(cfg)  # robustness studies only: None for an honest client
     start = state_to_arrays(model.state_dict(), names) if attack else {}
     kind = attack.attack if attack else ""
+    # non-private training is reproducible from the message; DP-SGD draws from secret entropy instead
     local = LocalTrainConfig(
         lr=task.lr, epochs=task.local_epochs, batch_size=task.batch_size, max_steps=task.max_steps,
         proximal_mu=task.proximal_mu, clip_norm=task.clip_norm,

@@ -376,12 +376,10 @@ class PrivacySection:
         _check(self.client_level == "off" or strategy in ("fedavg", "fedprox"), "run.strategy",
                f"must be fedavg or fedprox with privacy.client_level = {self.client_level!r}", strategy)
 
-    def check_robust(self, robust: RobustSection) -> None:
-        """Under client-level DP no reply may be rejected for how it compares with the others' (the C/m bound)."""
-        _check(self.client_level == "off" or robust.max_norm_ratio == 0, "robust.max_norm_ratio",
-               f"must be 0 with privacy.client_level = {self.client_level!r} (it compares each update with the "
-               f"round's median, which breaks the client-level sensitivity bound C/m; bound updates with "
-               f"robust.max_update_norm instead)", robust.max_norm_ratio)
+    def check_robust(self, robust: RobustSection) -> None:  # client-level DP: no rule relative to other replies
+        _check(self.client_level == "off" or robust.max_norm_ratio == 0, "robust.max_norm_ratio", f"must be 0 with "
+               f"privacy.client_level = {self.client_level!r} (relative to the round's median, it breaks the "
+               f"sensitivity bound C/m; use robust.max_update_norm)", robust.max_norm_ratio)
 
 
 @dataclass

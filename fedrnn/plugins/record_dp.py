@@ -21,6 +21,18 @@ history ``[(sigma, sampling rate, steps), ...]``) travels with the work:
   belongs to the device's data, so it survives restarts, resumes and later runs; the noise,
   clip, delta and budget fixed when the file was created apply until it is deleted.
 
+Randomness. The Poisson batches and the noise come from ``round_generator``: a real device's
+OS CSPRNG, or in simulation a generator keyed by the simulated fleet's secret key
+(``fedrnn.privacy.entropy``) and labelled (seed, round, client). Nothing the server sends or
+receives determines them, so it cannot regenerate the noise and subtract it, nor tell which
+reviews a batch sampled, which the subsampling credit in the accountant relies on.
+
+Device policy. A device's node config may set the least privacy it accepts
+(``fedrnn.privacy.policy``: ``dp-required``, ``dp-max-epsilon``, ``dp-delta``,
+``dp-min-noise-multiplier``, ``dp-max-clip-norm``). A request for less is refused before
+training (``policy_refusal``; the ClientApp replies with the reason), and the device's bounds
+are applied to its state, so a server can tighten the device's privacy but never loosen it.
+
 A client's epsilon covers exactly the rounds it trained in: Opacus's RDP accountant over its
 history, computed by the client (which reports it as ``dp-epsilon`` with the history) and
 recorded by the ledger. With ``privacy.target_epsilon`` and no ``noise_multiplier``, each
