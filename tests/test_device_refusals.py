@@ -17,19 +17,19 @@ START_S = 90
 TOML_INT_MAX = 2**63 - 1  # a node id above this cannot be written in the run config's [faults] list
 
 
-def _one_device(fleet: Fleet, data: Path, teacher: Path, policy: dict, tries: int = 8) -> int:
+def _one_device(fl: Fleet, data: Path, teacher: Path, policy: dict, tries: int = 8) -> int:
     """Register and start one device (with ``policy`` in its node config); its node id, which TOML can hold."""
     for i in range(tries):
-        key = fleet.register(f"pi{i}")
-        node = fleet.node_ids[f"pi{i}"]
+        key = fl.register(f"pi{i}")
+        node = fl.node_ids[f"pi{i}"]
         if node <= TOML_INT_MAX:
             break
-        del fleet.node_ids[f"pi{i}"]
+        del fl.node_ids[f"pi{i}"]
     else:
         pytest.fail(f"no node id below 2**63 in {tries} registrations")
-    fleet.start_node(f"pi{i}", key, {"data-path": str(data), "teacher-path": str(teacher),
-                                     "state-dir": str(fleet.tmp / "state"), "threads": 1, **policy})
-    wait_for("the SuperNode to be let in", lambda: node in fleet.activated(), START_S, 0.5)
+    fl.start_node(f"pi{i}", key, {"data-path": str(data), "teacher-path": str(teacher),
+                                     "state-dir": str(fl.tmp / "state"), "threads": 1, **policy})
+    wait_for("the SuperNode to be let in", lambda: node in fl.activated(), START_S, 0.5)
     return node
 
 

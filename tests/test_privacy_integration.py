@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from messages import reply_metadata, round_info, task
 from opacus.accountants import RDPAccountant
+from processes import kill_after_round
 from safetensors.numpy import load_file
 
 from fedrnn.config import ConfigError, PrivacySection, config_from_dict
@@ -405,21 +404,9 @@ def test_same_seed_and_kill_resume_give_the_same_dp_metrics(dp_run: Path, tiny_t
     config, out = tmp / "dp4.toml", tmp / "killed"
     config.write_text(E2E_CONFIG.format(rounds=4, client_level=CLIENT_LEVEL))
     env = {**os.environ, "FEDRNN_CACHE_DIR": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "fedrnn.simulate", "--config", str(config), "--teacher",
-                             str(tiny_teacher[0]), "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            state = out / "state.json"
-            if state.is_file() and json.loads(state.read_text())["round"] >= 1:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray workers it started
-        proc.wait(timeout=30)
-    assert 1 <= json.loads((out / "state.json").read_text())["round"] < 4
+    cmd = [sys.executable, "-m", "fedrnn.simulate", "--config", str(config), "--teacher", str(tiny_teacher[0]),
+           "--out", str(out)]
+    assert 1 <= kill_after_round(cmd, out, env, ROOT, TIMEOUT) < 4
     _simulate(["--resume", str(out)], tmp / "cache")
 
     def comparable(row: dict) -> dict:
