@@ -96,8 +96,9 @@ def plot(results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ALPHAS), figsize=(11, 4), sharey=True)
-    for ax, alpha in zip(axes, ALPHAS, strict=True):
+    alphas = sorted({r["alpha"] for r in results})
+    fig, axes = plt.subplots(1, len(alphas), figsize=(5.5 * len(alphas), 4), sharey=True, squeeze=False)
+    for ax, alpha in zip(axes[0], alphas, strict=True):
         mine = [r for r in results if r["alpha"] == alpha]
         base = next(r for r in mine if math.isinf(r["target_epsilon"]))
         for level, marker in zip(LEVELS, "os", strict=True):
@@ -112,8 +113,8 @@ def plot(results: list[dict]) -> None:
         ax.set_xlabel(f"epsilon (delta = {DELTA:g})")
         ax.set_title(f"Dirichlet alpha = {alpha:g}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Amazon target accuracy")
-    axes[-1].legend(fontsize=8)
+    axes[0][0].set_ylabel("Amazon target accuracy")
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "privacy_study.png", dpi=110)
 
@@ -123,7 +124,7 @@ def table(results: list[dict]) -> str:
     lines = ["| DP level | alpha | " + " | ".join(f"eps={e:g}" for e in eps_cols) + " | zero-shot |",
              "|---|---|" + "---|" * (len(eps_cols) + 1)]
     for level in LEVELS:
-        for alpha in ALPHAS:
+        for alpha in sorted({r["alpha"] for r in results}):
             acc = {r["target_epsilon"]: r["target_accuracy"] for r in results if r["alpha"] == alpha
                    and r["level"] in (level, "none")}
             zero = next(r["zero_shot_accuracy"] for r in results if r["alpha"] == alpha)
@@ -143,12 +144,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=str(ROOT / "cache" / "teacher"))
     p.add_argument("--work", default="runs/privacy_study", help="run directories (finished runs are reused)")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="Dirichlet alphas to run")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t_study = time.perf_counter()
     results = []
-    for alpha in ALPHAS:
+    for alpha in a.alphas:
         plan = [("none", math.inf)] + [(level, eps) for level in LEVELS for eps in EPSILONS]
         runs = {f"a{alpha:g}-{level}-eps{eps:g}": (level, eps) for level, eps in plan}
         summaries = run_batch({n: config_from_dict(run_config(a, alpha, *le)) for n, le in runs.items()}, work)
