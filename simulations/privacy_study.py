@@ -109,7 +109,8 @@ def plot(results: list[dict]) -> None:
         ax.axhline(base["target_accuracy"] - 0.03, color="k", ls=":", lw=0.8, label="no DP - 3 points")
         ax.axhline(base["zero_shot_accuracy"], color="grey", ls="-.", label="teacher zero-shot")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
+        finite = sorted({r["target_epsilon"] for r in mine if not math.isinf(r["target_epsilon"])})
+        ax.set_xticks(finite, [f"{e:g}" for e in finite])
         ax.set_xlabel(f"epsilon (delta = {DELTA:g})")
         ax.set_title(f"Dirichlet alpha = {alpha:g}")
         ax.grid(alpha=0.3)
@@ -120,7 +121,7 @@ def plot(results: list[dict]) -> None:
 
 
 def table(results: list[dict]) -> str:
-    eps_cols = [*EPSILONS, math.inf]
+    eps_cols = [*sorted({r["target_epsilon"] for r in results if not math.isinf(r["target_epsilon"])}), math.inf]
     lines = ["| DP level | alpha | " + " | ".join(f"eps={e:g}" for e in eps_cols) + " | zero-shot |",
              "|---|---|" + "---|" * (len(eps_cols) + 1)]
     for level in LEVELS:
@@ -145,13 +146,14 @@ def main() -> None:
     p.add_argument("--teacher", default=str(ROOT / "cache" / "teacher"))
     p.add_argument("--work", default="runs/privacy_study", help="run directories (finished runs are reused)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="Dirichlet alphas to run")
+    p.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS), help="target epsilons to run")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t_study = time.perf_counter()
     results = []
     for alpha in a.alphas:
-        plan = [("none", math.inf)] + [(level, eps) for level in LEVELS for eps in EPSILONS]
+        plan = [("none", math.inf)] + [(level, eps) for level in LEVELS for eps in a.epsilons]
         runs = {f"a{alpha:g}-{level}-eps{eps:g}": (level, eps) for level, eps in plan}
         summaries = run_batch({n: config_from_dict(run_config(a, alpha, *le)) for n, le in runs.items()}, work)
         for name, (level, eps) in runs.items():
