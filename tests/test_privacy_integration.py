@@ -409,12 +409,12 @@ def test_same_seed_and_kill_resume_give_the_same_dp_metrics(dp_run: Path, tiny_t
     assert 1 <= kill_after_round(cmd, out, env, ROOT, TIMEOUT) < 4
     _simulate(["--resume", str(out)], tmp / "cache")
 
-    def comparable(row: dict) -> dict:
-        return {k: v for k, v in row.items() if "seconds" not in k}
-
     resumed, reference = RunDir(out).read_metrics(), RunDir(dp_run).read_metrics()
     assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
-    assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]
+    for a, b in zip(resumed, reference, strict=True):
+        # dp_run's round 2 ended its first leg, so it also evaluated on clients; otherwise the rows match key by key
+        assert set(a) <= set(b) and (a["round"] == 2 or set(a) == set(b))
+        assert {k: v for k, v in a.items() if "seconds" not in k} == {k: b[k] for k in a if "seconds" not in k}
     assert all(r["dp_client_noise_std"] > 0 and r["dp_record_epsilon"] for r in resumed[1:])
 
 
