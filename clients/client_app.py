@@ -4,6 +4,11 @@ A message's ``Task`` (``fedrnn.federation.messages``) says which virtual client 
 simulation (``client-id`` plus the prepared target and partition files); on a real device (a
 SuperNode started with ``--node-config "data-path=... teacher-path=..."``) the node's own review
 file is used.
+
+A client may refuse an instruction (``refusal_of``): a real device refuses fault and attack
+instructions (those are for simulated clients in tests and studies), and any device refuses
+record-level DP weaker than its node config's policy (``fedrnn.privacy.policy``). It then
+replies untrained, with a ``refusal`` record saying why (``fedrnn.plugins.refusals``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrnn.data.tokenizer import Encoded
@@ -25,13 +30,25 @@ from fedrnn.federation.local import (
     local_train,
     shard_data,
 )
-from fedrnn.federation.messages import ARRAYS, CONFIG, METRICS, EvalReport, RecordDP, Task, TrainReport
+from fedrnn.federation.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    REPLY_REFUSAL,
+    Attack,
+    EvalReport,
+    Fault,
+    RecordDP,
+    Refusal,
+    Task,
+    TrainReport,
+)
 from fedrnn.federation.wire import state_to_arrays, to_record
 from fedrnn.plugins.attack import attack_of, poison_data, poison_update
 from fedrnn.plugins.compression import decode_downlink, encode_uplink
 from fedrnn.plugins.distill import evaluate_student, is_student_message
 from fedrnn.plugins.faults import inject_fault
-from fedrnn.plugins.record_dp import record_dp_train
+from fedrnn.plugins.record_dp import policy_refusal, record_dp_train
 
 app = ClientApp(mods=[deadline_mod])  # a job past its deadline-s is aborted, freeing its worker
 
@@ -65,15 +82,34 @@ def _setup(msg: Message, context: Context):
     return cfg, task, train, held, model, received
 
 
+def refusal_of(cfg: ConfigRecord, context: Context) -> Refusal | None:
+    """What this client will not do: a fault or attack on a real device, or less privacy than its node policy allows.
+
+    Fault and attack instructions exist for simulated clients in tests and studies; a server that
+    sends them to a real device is trying to crash it or turn it against the run.
+    """
+    if _on_device(context) and (Fault.present(cfg) or Attack.present(cfg)):
+        what = "fault" if Fault.present(cfg) else "attack"
+        return Refusal("instruction", f"a real device does not carry out {what} instructions (simulation only)")
+    why = policy_refusal(cfg, context.node_config)
+    return Refusal("dp", why) if why else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
+    refusal = refusal_of(msg.content[CONFIG], context)
+    if refusal is not None:  # untrained: the server records the reason (fedrnn.plugins.refusals)
+        metrics = {TrainReport.key("client_id"): Task.parse(msg.content[CONFIG]).client_id, refusal.metric: 1.0}
+        return Message(RecordDict({METRICS: MetricRecord(metrics), REPLY_REFUSAL: ConfigRecord(refusal.to_record())}),
+                       reply_to=msg)
     cfg, task, data, _, model, received = _setup(msg, context)
     names = list(received)
     inject_fault(cfg)  # tests and studies only: the server's [faults] section names this client
     attack = attack_of(cfg)  # robustness studies only: None for an honest client
     start = state_to_arrays(model.state_dict(), names) if attack else {}
     kind = attack.attack if attack else ""
+    # non-private training is reproducible from the message; DP-SGD draws from secret entropy instead
     local = LocalTrainConfig(
         lr=task.lr, epochs=task.local_epochs, batch_size=task.batch_size, max_steps=task.max_steps,
         proximal_mu=task.proximal_mu, clip_norm=task.clip_norm,

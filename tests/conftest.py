@@ -42,6 +42,15 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tu
     return out, metrics
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The secret keys of the simulated devices and of the server (``fedrnn.privacy.entropy``) live here, not in ~."""
+    path = tmp_path_factory.mktemp("fedrnn-state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDRNN_STATE_DIR", str(path))  # inherited by the simulations and servers tests start
+        yield path
+
+
 @pytest.fixture()
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDRNN_CACHE_DIR", str(tmp_path / "cache"))

@@ -3,10 +3,13 @@ torch-free predict command."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -58,3 +61,21 @@ def stop_tree(proc: subprocess.Popen, sig: signal.Signals = signal.SIGTERM, grac
         p.kill()
     psutil.wait_procs(alive, timeout=5)
     proc.wait(timeout=5)
+
+
+def kill_after_round(cmd: list[str], run_dir: Path, env: dict[str, str], cwd: Path, timeout: float) -> int:
+    """Start a run, SIGKILL it (and the Ray workers it started) once a round is saved; the rounds it saved."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    state = run_dir / "state.json"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["round"] >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return int(json.loads(state.read_text())["round"])

@@ -2,8 +2,9 @@
 
 Unit tests drive the real pieces (Flower's DP wrapper and accountant, the client's DP-SGD
 round, the server's ledger) in-process; the end-to-end tests run ``python -m fedrnn.simulate``
-with record-level and client-level DP together, kill nothing but resume with more rounds,
-and check every reported epsilon against Opacus's accountant computed here independently.
+with record-level and client-level DP together, resume with more rounds (and, in a slow
+test, SIGKILL a run and resume it: same metrics), and check every reported epsilon against
+Opacus's accountant computed here independently.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from messages import reply_metadata, round_info, task
 from opacus.accountants import RDPAccountant
+from processes import kill_after_round
 from safetensors.numpy import load_file
 
 from fedrnn.config import ConfigError, PrivacySection, config_from_dict
@@ -99,14 +101,16 @@ def _reply(arrays: dict[str, np.ndarray], client: int, num_examples: int = 10) -
 
 def _client_dp(privacy: dict, rounds: int = 3) -> ClientLevelDP:
     cfg = config_from_dict({"run": {"clients": 20, "clients_per_round": 5, "rounds": rounds, "seed": 3},
-                            "privacy": privacy})
+                            "privacy": privacy, "robust": {"max_norm_ratio": 0.0}})
     strategy = ClientLevelLedger(cfg).wrap_strategy(make_strategy(cfg))
     assert isinstance(strategy, ClientLevelDP)
     return strategy
 
 
 def _round(strategy: ClientLevelDP, rnd: int, glob: np.ndarray, updates: list[np.ndarray],
-           weights: list[int] | None = None) -> np.ndarray | None:
+           weights: list[int] | None = None, sampled: int | None = None) -> np.ndarray | None:
+    """One round; ``sampled`` (default: one per update) is m, as ``ClientLevelLedger.configure`` records it."""
+    strategy.sampled[rnd] = sampled or len(updates)
     list(strategy.configure_train(rnd, to_record({"w": glob}), ConfigRecord(), OneNodeGrid(7)))
     replies = [_reply({"w": glob + u}, i, (weights or [10] * len(updates))[i]) for i, u in enumerate(updates)]
     arrays, _ = strategy.aggregate_train(rnd, replies)
@@ -124,18 +128,22 @@ def test_fixed_clipping_averages_clipped_updates_uniformly(task_identity: None) 
     np.testing.assert_allclose(out, glob + np.mean(clipped, axis=0), atol=1e-5)
 
 
-def test_noise_is_scaled_to_the_updates_averaged_and_accounted(task_identity: None) -> None:
+def test_noise_is_scaled_to_the_clients_sampled_and_accounted(task_identity: None) -> None:
+    """3 replies of 5 sampled: the 2 missing count as zero updates, the sum is divided by 5 and the noise is
+    sigma C / 5: the sensitivity of a mean over the sampled clients, whoever answers."""
     dp = _client_dp({"client_level": "fixed", "clients_noise_multiplier": 1.5, "clipping_norm": 0.2})
     glob, d = np.zeros(40_000, np.float32), 40_000
-    updates = [np.full(d, 1e-6, np.float32) for _ in range(3)]  # 3 replies although 5 were sampled
-    out = _round(dp, 1, glob, updates)
-    noise = out - 1e-6
-    assert dp.noise_std[1] == pytest.approx(1.5 * 0.2 / 3)
-    assert float(noise.std()) == pytest.approx(1.5 * 0.2 / 3, rel=0.02)  # not sigma C / 5: that would be too little
-    assert abs(float(noise.mean())) < 4 * 0.1 / math.sqrt(d)
+    updates = [np.full(d, 1e-6, np.float32) for _ in range(3)]
+    out = _round(dp, 1, glob, updates, sampled=5)
+    noise = out - 3 * 1e-6 / 5
+    assert dp.released[1] == {"noise_std": pytest.approx(1.5 * 0.2 / 5), "clip": 0.2, "sampled": 5, "clipped": 0}
+    assert float(noise.std()) == pytest.approx(1.5 * 0.2 / 5, rel=0.02)
+    assert abs(float(noise.mean())) < 4 * 0.06 / math.sqrt(d)
     assert dp.epsilon() == pytest.approx(_opacus_epsilon([(1.5, 1.0, 1)]), rel=1e-9)
     again = _client_dp({"client_level": "fixed", "clients_noise_multiplier": 1.5, "clipping_norm": 0.2})
-    np.testing.assert_array_equal(_round(again, 1, glob, updates), out)  # seeded by (run seed, round)
+    # the same server key and (run seed, round): a resumed round is replayed exactly; clients cannot replay it
+    # (tests/test_privacy_threats.py::test_clients_cannot_reproduce_client_level_noise)
+    np.testing.assert_array_equal(_round(again, 1, glob, updates, sampled=5), out)
 
 
 def test_client_level_budget_stops_release_and_state_survives_resume(task_identity: None) -> None:
@@ -233,7 +241,8 @@ def test_simulated_client_calibrates_its_noise_to_the_planned_rounds(tmp_path: P
 
 
 def test_dp_round_is_reproducible_whatever_ran_before() -> None:
-    """Ray workers serve many clients in turn: a round must not depend on what the worker drew before."""
+    """Ray workers serve many clients in turn: a simulated round depends on the simulated fleet's key and
+    (seed, round, client), never on what the worker drew before."""
     dp = RecordDP.parse(record_dp_config(PrivacySection(record_level=True, noise_multiplier=1.0), 1, None))
     outputs = []
     for earlier_draws in (1, 5):
@@ -248,6 +257,7 @@ def _ledger_reply(client: int, state: PrivacyState | None, trained: bool, exhaus
     meta = reply_metadata(f"m{client}", src_node_id=7)
     content = RecordDict({"metrics": MetricRecord({"client-id": client, "dp-trained": float(trained),
                                                    "dp-exhausted": float(exhausted),
+                                                   "dp-noise-multiplier": state.noise_multiplier if state else 0.0,
                                                    "dp-epsilon": epsilon(state) if state else 0.0})})
     if state is not None:
         content[REPLY_PRIVACY] = ConfigRecord(state.to_dict())
@@ -299,7 +309,8 @@ target_epsilon = 2.0
 planned_rounds = 2
 {client_level}
 """
-CLIENT_LEVEL = 'client_level = "fixed"\nclients_noise_multiplier = 2.0\nclipping_norm = 0.5'
+CLIENT_LEVEL = ('client_level = "fixed"\nclients_noise_multiplier = 2.0\nclipping_norm = 0.5\n'
+                '[robust]\nmax_norm_ratio = 0')  # relative to the round's median: refused under client-level DP
 
 
 def _simulate(args: list[str], cache: Path) -> None:
@@ -381,7 +392,31 @@ def test_client_level_epsilon_per_round_across_resume(dp_run: Path) -> None:
         assert r["dp_client_releases"] == sum(x["trained"] > 0 for x in rows if x["round"] <= r["round"])
         assert r["dp_client_epsilon"] == pytest.approx(_opacus_epsilon([(2.0, 1.0, r["dp_client_releases"])]),
                                                        rel=1e-9)
-        assert r["dp_client_noise_std"] == (pytest.approx(2.0 * 0.5 / r["trained"]) if trained else 0.0)
+        # m = the clients sampled, whoever answered
+        assert r["dp_client_noise_std"] == (pytest.approx(2.0 * 0.5 / len(r["selected"])) if trained else 0.0)
+        assert r["dp_client_sampled"] == (len(r["selected"]) if trained else 0) and r["dp_client_clip"] in (0.5, None)
+
+
+@pytest.mark.slow
+def test_same_seed_and_kill_resume_give_the_same_dp_metrics(dp_run: Path, tiny_teacher: tuple[Path, dict]) -> None:
+    """A fresh 4-round run of the same config, SIGKILLed after a round and resumed, ends with exactly the metrics of
+    ``dp_run`` (2 rounds, then resumed to 4): DP noise is secret (keyed) yet reproducible from the same keys."""
+    tmp = dp_run.parent
+    config, out = tmp / "dp4.toml", tmp / "killed"
+    config.write_text(E2E_CONFIG.format(rounds=4, client_level=CLIENT_LEVEL))
+    env = {**os.environ, "FEDRNN_CACHE_DIR": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "fedrnn.simulate", "--config", str(config), "--teacher", str(tiny_teacher[0]),
+           "--out", str(out)]
+    assert 1 <= kill_after_round(cmd, out, env, ROOT, TIMEOUT) < 4
+    _simulate(["--resume", str(out)], tmp / "cache")
+
+    resumed, reference = RunDir(out).read_metrics(), RunDir(dp_run).read_metrics()
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(resumed, reference, strict=True):
+        # dp_run's round 2 ended its first leg, so it also evaluated on clients; otherwise the rows match key by key
+        assert set(a) <= set(b) and (a["round"] == 2 or set(a) == set(b))
+        assert {k: v for k, v in a.items() if "seconds" not in k} == {k: b[k] for k in a if "seconds" not in k}
+    assert all(r["dp_client_noise_std"] > 0 and r["dp_record_epsilon"] for r in resumed[1:])
 
 
 @pytest.mark.slow

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import kill_after_round
 from safetensors.numpy import load_file
 
 from fedrnn.federation.rundir import RunDir
@@ -134,26 +133,8 @@ def test_same_seed_same_metrics_and_resume_after_kill(
     finished_run: Path, tmp_path: Path, tiny_teacher: tuple[Path, dict]
 ) -> None:
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd(out, tiny_teacher[0], "--rounds", "3"),
-        env=_env(finished_run.parent / "cache"),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            state = out / "state.json"
-            if state.is_file() and json.loads(state.read_text())["round"] >= 1:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray workers it started
-        proc.wait(timeout=30)
-    done = json.loads((out / "state.json").read_text())["round"]
+    done = kill_after_round(_cmd(out, tiny_teacher[0], "--rounds", "3"), out, _env(finished_run.parent / "cache"),
+                            ROOT, TIMEOUT)
     assert 1 <= done < 3
     r = subprocess.run(
         [sys.executable, "-m", "fedrnn.simulate", "--resume", str(out)],

@@ -387,6 +387,11 @@ class PrivacySection:
         _check(self.client_level == "off" or strategy in ("fedavg", "fedprox"), "run.strategy",
                f"must be fedavg or fedprox with privacy.client_level = {self.client_level!r}", strategy)
 
+    def check_robust(self, robust: RobustSection) -> None:  # client-level DP: no rule relative to other replies
+        _check(self.client_level == "off" or robust.max_norm_ratio == 0, "robust.max_norm_ratio", f"must be 0 with "
+               f"privacy.client_level = {self.client_level!r} (relative to the round's median, it breaks the "
+               f"sensitivity bound C/m; use robust.max_update_norm)", robust.max_norm_ratio)
+
 
 @dataclass
 class TrackingSection:
@@ -442,6 +447,7 @@ class RunConfig:
         named = self.faults.raise_clients + self.faults.hang_clients + self.faults.crash_clients
         _check(all(c < self.run.clients for c in named), "faults.*_clients",
                f"must hold client ids < run.clients = {self.run.clients}", named)
+        self.privacy.check_robust(self.robust)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

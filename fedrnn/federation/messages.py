@@ -15,7 +15,9 @@ Parts of a training or evaluation instruction (one ``ConfigRecord`` named ``conf
 * :class:`Student` - an evaluation message carrying the distilled int8 student.
 
 A reply's ``MetricRecord`` named ``metrics``: :class:`TrainReport` (+ :class:`RecordDPReport`)
-or :class:`EvalReport`.
+or :class:`EvalReport`. A device that will not carry out an instruction replies with a
+:class:`Refusal` (a ``ConfigRecord`` named ``refusal``) and metrics ``client-id`` and
+``refused-dp`` or ``refused-instruction`` = 1 instead.
 """
 
 from __future__ import annotations
@@ -218,4 +220,19 @@ class EvalReport(Schema):
     eval_accuracy: float | None = None
 
 
+@dataclass(frozen=True)
+class Refusal(Schema):
+    """Why a device did not carry out an instruction (``fedrnn.plugins.refusals``)."""
+
+    refused: str  # "dp": less privacy than its policy allows; "instruction": a fault or attack sent to a real device
+    reason: str
+
+    @property
+    def metric(self) -> str:
+        """The reply metric (= 1) that flags this refusal."""
+        return f"refused-{self.refused}"
+
+
+REFUSALS = ("dp", "instruction")
 REPLY_PRIVACY = "privacy"  # ConfigRecord of a DP-SGD reply: the client's updated accountant state
+REPLY_REFUSAL = "refusal"  # ConfigRecord of a refusing device's reply: a Refusal

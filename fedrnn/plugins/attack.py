@@ -11,7 +11,9 @@ through its per-client config (``attack``, ``attack-scale``) and the ClientApp t
   dominates a plain average.
 
 Honest clients get no attack keys, so their messages are byte-identical to an attack-free run.
-Simulation only: in deployment every client is a real device and nobody is told to misbehave.
+Simulation only: a ClientApp on a real SuperNode refuses a message carrying an attack (it
+replies untrained with the reason; ``fedrnn.plugins.refusals`` counts it), so a server cannot
+turn honest devices against the run.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ of its training job. What the run must survive:
 * ``crash``: the ClientApp's process dies (``os._exit``), as on an out-of-memory kill; on
   the Simulation Engine that is a dead Ray actor, which Ray restarts (see ``fedrnn.simulate``).
 
-In deployment the client ids are SuperNode ids, so a real device can be made to fail too.
+Simulated clients only. A ClientApp on a real SuperNode (node config ``data-path``) refuses a
+message carrying a fault (``clients/client_app.refusal_of``): it replies untrained with the
+reason, and the server counts it (``refused_instructions``, ``fedrnn.plugins.refusals``). A
+server must not be able to crash or hang the devices it trains on.
 """
 
 from __future__ import annotations

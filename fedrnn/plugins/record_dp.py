@@ -21,6 +21,18 @@ history ``[(sigma, sampling rate, steps), ...]``) travels with the work:
   belongs to the device's data, so it survives restarts, resumes and later runs; the noise,
   clip, delta and budget fixed when the file was created apply until it is deleted.
 
+Randomness. The Poisson batches and the noise come from ``round_generator``: a real device's
+OS CSPRNG, or in simulation a generator keyed by the simulated fleet's secret key
+(``fedrnn.privacy.entropy``) and labelled (seed, round, client). Nothing the server sends or
+receives determines them, so it cannot regenerate the noise and subtract it, nor tell which
+reviews a batch sampled, which the subsampling credit in the accountant relies on.
+
+Device policy. A device's node config may set the least privacy it accepts
+(``fedrnn.privacy.policy``: ``dp-required``, ``dp-max-epsilon``, ``dp-delta``,
+``dp-min-noise-multiplier``, ``dp-max-clip-norm``). A request for less is refused before
+training (``policy_refusal``; the ClientApp replies with the reason), and the device's bounds
+are applied to its state, so a server can tighten the device's privacy but never loosen it.
+
 A client's epsilon covers exactly the rounds it trained in: Opacus's RDP accountant over its
 history, computed by the client (which reports it as ``dp-epsilon`` with the history) and
 recorded by the ledger. With ``privacy.target_epsilon`` and no ``noise_multiplier``, each
@@ -36,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from logging import WARNING
 from pathlib import Path
@@ -56,8 +69,8 @@ from fedrnn.io import write_json
 from fedrnn.model.rnn import SentimentRNN
 from fedrnn.privacy.accounting import PrivacyState, epsilon, new_privacy_state, planned_steps
 from fedrnn.privacy.dp_sgd import TRAINED, train_dp
-
-DEFAULT_STATE_DIR = "~/.fedrnn"
+from fedrnn.privacy.entropy import DEFAULT_STATE_DIR, SIMULATED_DEVICES_KEY, fresh_generator, keyed_generator, load_key
+from fedrnn.privacy.policy import DevicePolicy
 
 
 def record_dp_config(p: PrivacySection, planned_rounds: int, state: PrivacyState | None) -> dict[str, Any]:
@@ -79,20 +92,46 @@ def device_state_file(node_config: Any) -> Path | None:
     return root / f"privacy-{hashlib.sha256(str(data).encode()).hexdigest()[:16]}.json"
 
 
-def _client_state(dp: RecordDP, state_file: Path | None, n: int, batch_size: int, steps: int) -> PrivacyState:
-    """The device's own file, else the state the server sent, else a new one (calibrated if asked)."""
+def _client_state(dp: RecordDP, state_file: Path | None, n: int, batch_size: int, steps: int,
+                  policy: DevicePolicy) -> PrivacyState:
+    """The device's own file, else the state the server sent, else a new one (calibrated if asked);
+    in every case within the device's policy."""
     if state_file is not None and state_file.is_file():
         try:
-            return PrivacyState.from_json(state_file.read_text())
+            return policy.tighten(PrivacyState.from_json(state_file.read_text()))
         except ValueError as e:
             raise ValueError(f"{state_file}: {e}") from None
     if dp.dp_state_json:
-        return PrivacyState.from_json(dp.dp_state_json)
-    return new_privacy_state(
-        num_examples=n, batch_size=batch_size, max_grad_norm=dp.dp_max_grad_norm, delta=dp.dp_delta,
-        noise_multiplier=dp.dp_noise_multiplier or None, target_epsilon=dp.dp_target_epsilon or None,
-        expected_rounds=dp.dp_planned_rounds, steps=steps,
-    )
+        return policy.tighten(PrivacyState.from_json(dp.dp_state_json))
+    budget = policy.budget(dp.dp_target_epsilon or None)
+    return policy.tighten(new_privacy_state(
+        num_examples=n, batch_size=batch_size, max_grad_norm=dp.dp_max_grad_norm,
+        delta=min(dp.dp_delta, policy.delta or 1.0),
+        noise_multiplier=dp.dp_noise_multiplier or (None if budget else policy.min_noise_multiplier),
+        target_epsilon=budget, expected_rounds=dp.dp_planned_rounds, steps=steps,
+    ))
+
+
+def policy_refusal(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> str | None:
+    """Why the device's privacy policy (``fedrnn.privacy.policy``) refuses this instruction; ``None``: it may train."""
+    policy = DevicePolicy.from_node_config(node_config)
+    if not RecordDP.present(cfg):
+        return policy.refusal(record_dp=False)
+    dp = RecordDP.parse(cfg)
+    return policy.refusal(record_dp=True, noise_multiplier=dp.dp_noise_multiplier,
+                          target_epsilon=dp.dp_target_epsilon, max_grad_norm=dp.dp_max_grad_norm, delta=dp.dp_delta)
+
+
+def round_generator(task: Task, node_config: Mapping[str, Any]) -> np.random.Generator:
+    """Where a round's DP-SGD randomness (Poisson batches, noise, dropout) comes from: never from the message.
+
+    A real device draws it from the OS CSPRNG. A simulated client derives it from the simulated
+    fleet's secret key and (seed, round, client), so a simulation is reproducible and resumes
+    exactly, while the seed, round and client id the server sends do not determine it.
+    """
+    if "data-path" in node_config:
+        return fresh_generator()
+    return keyed_generator(load_key(SIMULATED_DEVICES_KEY), "record-dp", task.seed, task.server_round, task.client_id)
 
 
 def record_dp_train(model: SentimentRNN, data: Encoded, local: LocalTrainConfig, names: list[str],
@@ -102,16 +141,17 @@ def record_dp_train(model: SentimentRNN, data: Encoded, local: LocalTrainConfig,
 
     Same step count as non-private training (``local.epochs`` expected passes, capped by
     ``local.max_steps``). A client out of budget returns the weights it received, untrained.
+    The caller has checked the request against the device's policy (``policy_refusal``).
     """
     state_file = device_state_file(node_config)
     n, b = len(data), local.batch_size
     steps = planned_steps(n, b, epochs=local.epochs)
     steps = min(steps, local.max_steps) if local.max_steps else steps
-    state = _client_state(dp, state_file, n, b, steps)
-    torch.manual_seed(local.seed)  # dropout draws from torch's global generator; a worker serves many clients
+    state = _client_state(dp, state_file, n, b, steps, DevicePolicy.from_node_config(node_config))
+    rng = round_generator(task, node_config)
+    torch.manual_seed(int(rng.integers(2**63)))  # dropout draws from torch's global generator
     new, stats = train_dp(model, data, state, mode=task.trains, batch_size=b,
-                          lr=local.lr, rng=np.random.default_rng(local.seed), steps=steps,
-                          proximal_mu=local.proximal_mu)
+                          lr=local.lr, rng=rng, steps=steps, proximal_mu=local.proximal_mu)
     if state_file is not None:  # spent before the update leaves the device
         state_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(state_file, new.to_dict())

@@ -11,6 +11,18 @@ own slot, never the global model.
 ``ReplyValidator`` runs first among the round plugins, except the int8 uplink decoder,
 which must turn int8 payloads back into float32 weights before they can be checked here
 (this validator accepts float32 only).
+
+Two rules compare a reply with the round's other replies: the norm ratio (``max_norm_ratio``
+x the round's median) and keeping the majority's metric keys. Under client-level DP neither
+may run: the sensitivity argument (one client moves the pre-noise average by at most ``C / m``,
+``fedrnn.plugins.client_dp``) needs whether a client's update is kept to depend on that
+client's reply alone. So with ``privacy.client_level`` on, ``max_norm_ratio`` must be 0 (the
+config refuses anything else; use the absolute ``max_update_norm``) and the metric-key rule is
+skipped (the client-level aggregate reads no client metric).
+
+``num-examples`` is capped by the client's shard size in simulation; a real device's data is its
+own, so only ``robust.max_num_examples`` bounds what it may claim (and, under client-level DP,
+nothing weighs by it: the average is uniform).
 """
 
 from __future__ import annotations
@@ -114,8 +126,11 @@ class ReplyValidator(RoundPlugin):
 
     def __init__(self, cfg: RobustSection) -> None:
         self.cfg = cfg
+        self.per_client_only = False  # client-level DP: no rule may compare one reply with the others
 
     def setup(self, ctx: RunContext) -> None:
+        self.per_client_only = ctx.cfg.privacy.client_level != "off"
+        ctx.cfg.privacy.check_robust(self.cfg)  # the config refuses it too; a plugin built by hand must as well
         if ctx.simulated:
             # A simulated client trains on its shard minus the held-out part: that is its num-examples.
             c = ctx.cfg.client
@@ -144,7 +159,7 @@ class ReplyValidator(RoundPlugin):
                 rejected.append(("unknown" if client is None else str(client), str(e)))
         # Flower's strategies need every reply to carry the same metric keys: keep the majority's.
         keysets = Counter(frozenset(r.content[METRICS].keys()) for _, r, _ in accepted)
-        if len(keysets) > 1:
+        if len(keysets) > 1 and not self.per_client_only:
             usual = max(keysets, key=lambda k: (keysets[k], sorted(k)))
             odd = {c: r for c, r, _ in accepted if frozenset(r.content[METRICS].keys()) != usual}
             rejected += [(str(c), f"metrics: keys {sorted(set(r.content[METRICS].keys()) ^ usual)} differ from "

@@ -13,8 +13,12 @@ noise to their aggregate (Flower's ``DifferentialPrivacyServerSideFixedClipping`
 
 The guarantee covers the model updates only. Training loss/accuracy, the number of examples
 and any other metric computed on the private data and sent alongside are *not* privatised.
-Noise comes from ``torch``'s (non-cryptographic) generator, as in Opacus without
-``secure_mode``; the guarantee is the usual one stated under an ideal Gaussian sampler.
+All randomness (the Poisson batches, and the seed of ``torch``'s generator that draws the
+noise) comes from the caller's ``rng``, which must be secret from whoever sees the updates:
+``fedrnn.plugins.record_dp.round_generator`` gives a device the OS CSPRNG and a simulated
+client its fleet's secret key, never the seeds in a message. The noise itself is drawn by
+``torch``'s Mersenne Twister (as in Opacus without ``secure_mode``); the guarantee is the usual
+one stated under an ideal Gaussian sampler.
 
 Mechanism. Each step draws a **Poisson** sample of the client's data (every review
 independently with probability ``q = batch_size / n``; the batch size varies and may be
