@@ -9,6 +9,7 @@ the files a config names (a device trace) are checked where the run is prepared
 (``fedrnn.federation.prepare.check_files``).
 """
 
+from fedrnn.config.errors import ConfigError
 from fedrnn.config.loading import (
     Overrides,
     apply_overrides,
@@ -31,7 +32,6 @@ from fedrnn.config.sections import (
     AttackSection,
     ClientSection,
     CompressionSection,
-    ConfigError,
     DevicesSection,
     DistillSection,
     FaultsSection,

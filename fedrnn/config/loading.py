@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrnn.config.sections import ConfigError, RunConfig, _check, _show
+from fedrnn.config.errors import ConfigError, _check, _show
+from fedrnn.config.sections import RunConfig
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
