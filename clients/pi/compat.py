@@ -97,15 +97,15 @@ def alt_torch(version: str) -> Path:
 def compare(got: dict, ref: dict) -> dict:
     """Which checks worked, and how far their numbers are from the native run's."""
     out: dict = {}
-    t, rt = got.get("train_step", {}), ref["train_step"]
+    t, rt = got.get("train_step", {}), ref.get("train_step")
     if t.get("ok"):
         d = max(abs(t["loss_before"] - rt["loss_before"]), abs(t["loss_after"] - rt["loss_after"]))
         out["train_step"] = {"ok": d <= LOSS_TOL, "max_abs_loss_diff": d}
-    o, ro = got.get("onnx_int8", {}), ref["onnx_int8"]
+    o, ro = got.get("onnx_int8", {}), ref.get("onnx_int8")
     if o.get("ok"):
         d = float(np.abs(np.array(o["logits"]) - np.array(ro["logits"])).max())
         out["onnx_int8"] = {"ok": d <= LOGIT_TOL, "max_abs_logit_diff": d}
-    p, rp = got.get("predict", {}), ref["predict"]
+    p, rp = got.get("predict", {}), ref.get("predict")
     if p.get("ok"):
         d = float(np.abs(np.array(p["probabilities"]) - np.array(rp["probabilities"])).max())
         out["predict"] = {"ok": p["labels"] == rp["labels"] and d <= PROB_TOL, "max_abs_prob_diff": d,
@@ -141,6 +141,7 @@ def install_size() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpus", default=",".join(CPUS), help="QEMU CPU models, comma-separated")
+    p.add_argument("--checks", default=ALL_CHECKS, help="which probe checks to run (comma-separated)")
     p.add_argument("--alt-torch", default="", help="other torch versions to try where the installed one fails, "
                    "comma-separated (PyPI aarch64 wheels, unpacked in the userland, import_torch + train_step only)")
     p.add_argument("--rss", help="peak RSS file written by tests/test_pi_emulation.py (FEDRNN_PI_RSS_OUT)")
@@ -159,17 +160,17 @@ def main() -> None:
                     "tolerances": {"loss": LOSS_TOL, "logit": LOGIT_TOL, "probability": PROB_TOL}}
     with tempfile.TemporaryDirectory(dir=PI_ROOT / "tmp", prefix="fedrnn-compat-") as tmp:
         export, texts = prepare(Path(tmp), data_dir)
-        ref = probe([sys.executable], str(export), str(texts))
-        result["native"] = {"machine": ref["machine"], "torch": ref["import_torch"].get("torch"), "probe": ref}
+        ref = probe([sys.executable], str(export), str(texts), a.checks)
+        result["native"] = {"machine": ref["machine"], "probe": ref}
         cpus = a.cpus.split(",")
         with ThreadPoolExecutor(len(cpus)) as pool:  # each probe is its own emulated process tree
             got = pool.map(lambda cpu: probe([str(EMULATE), "exec", "--cpu", cpu, "python"], inside(export),
-                                             inside(texts)), cpus)
+                                             inside(texts), a.checks), cpus)
             result["cpus"] = {cpu: {"checks": compare(g, ref), "hwcaps": g.get("hwcaps"), "probe": g}
                               for cpu, g in zip(cpus, got, strict=True)}
         for cpu, r in result["cpus"].items():
             print(cpu, {k: v["ok"] for k, v in r["checks"].items()}, flush=True)
-        failing = [cpu for cpu, r in result["cpus"].items() if not r["checks"]["train_step"]["ok"]]
+        failing = [cpu for cpu, r in result["cpus"].items() if not r["checks"].get("train_step", {}).get("ok")]
         jobs = [(v, cpu) for v in filter(None, a.alt_torch.split(",")) for cpu in failing]
         with ThreadPoolExecutor(max(1, len(jobs))) as pool:
             got = pool.map(lambda job: probe([str(EMULATE), "exec", "--cpu", job[1], "env",

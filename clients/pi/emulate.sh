@@ -21,7 +21,8 @@
 # `supernode` passes SUPERLINK, CA, KEY, NODE_CONFIG, RUNTIME_PORT, FEDRNN_*, FLWR_* and
 # OMP_NUM_THREADS through: paths in them are paths *inside* the userland (a host path P under
 # $FEDRNN_PI_ROOT is P without that prefix). Every command runs in a private mount namespace
-# (proc, sys and dev are mounted there and vanish with it), with a clean environment.
+# (proc and dev are mounted there and vanish with it), with a clean environment. No sysfs: the
+# host's (x86) CPU topology there makes onnxruntime's cpuinfo crash (SIGSEGV) under emulation.
 # Needs root, qemu-user-static, debootstrap and binfmt-support (apt-get install -y ...).
 set -euo pipefail
 
@@ -59,7 +60,6 @@ in_root() {
     exec unshare --mount --propagation private -- bash -c '
         set -e; root=$1; shift
         mount -t proc proc "$root/proc"
-        mount -t sysfs sysfs "$root/sys"
         mount --rbind /dev "$root/dev"
         exec chroot "$root" /usr/bin/env -i "$@"' _ "$ROOT" "${env[@]}" "$@"
 }
