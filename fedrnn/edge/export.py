@@ -27,6 +27,8 @@ import argparse
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -53,8 +55,17 @@ from fedrnn.edge.predict import (
     softmax,
 )
 from fedrnn.io import write_json
-from fedrnn.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint
-from fedrnn.model.rnn import SentimentRNN
+from fedrnn.model.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    CheckpointError,
+    load_checkpoint,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
+from fedrnn.model.rnn import ModelConfig, SentimentRNN
 
 FLOAT_TOLERANCE = 1e-4  # max |logit difference|, ONNX float32 vs torch
 INT8_PROB_TOLERANCE = 0.05  # max |probability difference|, ONNX int8 vs torch
@@ -79,7 +90,32 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def export_onnx(model: SentimentRNN, path: Path) -> None:
-    """Export ``model`` (eval mode) to an optimised float32 ONNX file with dynamic batch/length."""
+    """Export ``model`` (eval mode) to an optimised float32 ONNX file with dynamic batch/length.
+
+    The export runs in a fresh Python process: torch 2.13's dynamo exporter keeps the sequence
+    length dynamic only in a process's first export of an LSTM; later exports in the same process
+    fix it at the example's length (``torch._dynamo.reset()`` does not undo it), and the model then
+    rejects any other length. A subprocess (not ``multiprocessing``) never re-imports the caller.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, cfg = Path(tmp) / "model.safetensors", Path(tmp) / "config.json"
+        save_tensors(model.state_dict(), weights)
+        write_json(cfg, model.cfg.to_dict())
+        code = "import sys; from fedrnn.edge.export import export_files; export_files(*sys.argv[1:])"
+        r = subprocess.run([sys.executable, "-c", code, str(cfg), str(weights), str(path)], capture_output=True,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if r.returncode != 0:
+            raise ExportError(f"ONNX export of {path} failed: {r.stderr.strip()[-2000:]}")
+
+
+def export_files(cfg_path: str, weights_path: str, out: str) -> None:
+    """The export itself, from a model config (JSON) and weights (safetensors) on disk."""
+    model = SentimentRNN(ModelConfig.from_dict(read_json(cfg_path)))
+    model.load_state_dict(load_tensors(weights_path))
+    _export(model, Path(out))
+
+
+def _export(model: SentimentRNN, path: Path) -> None:
     model.eval()
     ids = torch.randint(1, max(model.cfg.vocab_size, 2), (2, 8), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([8, 5])
