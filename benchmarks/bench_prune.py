@@ -38,9 +38,10 @@ import torch
 from fedrnn.data.loaders import load_review_file, resolve_data_dir
 from fedrnn.data.tokenizer import encode
 from fedrnn.edge.distill import distill
+from fedrnn.edge.export import export_student
 from fedrnn.edge.predict import FLOAT_MODEL, INT8_MODEL, TOKENIZER, Predictor
 from fedrnn.edge.prune import prune_hidden, prune_vocab, shrink_tokenizer, token_counts
-from fedrnn.edge.trials import export_in_subprocess, latency_p95_ms, load_search_data, teacher_accuracy
+from fedrnn.edge.trials import latency_p95_ms, load_search_data, teacher_accuracy
 from fedrnn.model.checkpoint import save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            ("pruned", tuned, small_tok)):
         d = work / name.replace(", ", "-").replace(" ", "-")
         save_checkpoint(d / "checkpoint", model, t, a.max_len)
-        export = export_in_subprocess(d / "checkpoint", d / "export")
+        export = d / "export"
+        export_student(d / "checkpoint", export)
         if t not in lat:
             test = encode(t, data.test_texts, data.test_labels, a.max_len)
             lat[t] = test.subset(np.random.default_rng(a.seed).permutation(len(test))[: a.latency_reviews])

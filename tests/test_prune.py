@@ -13,7 +13,7 @@ from invariance import assert_padding_invariant
 from fedrnn.data.loaders import load_imdb
 from fedrnn.data.tokenizer import PAD_ID, encode
 from fedrnn.edge.distill import dataset_logits, distill
-from fedrnn.edge.export import FLOAT_TOLERANCE, INT8_PROB_TOLERANCE
+from fedrnn.edge.export import FLOAT_TOLERANCE, INT8_PROB_TOLERANCE, export_student
 from fedrnn.edge.predict import EXPORT_CONFIG, Predictor
 from fedrnn.edge.prune import (
     GATES,
@@ -24,7 +24,6 @@ from fedrnn.edge.prune import (
     token_counts,
     unit_importance,
 )
-from fedrnn.edge.trials import export_in_subprocess
 from fedrnn.model.checkpoint import load_checkpoint, save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
 from fedrnn.model.training import predict_logits
@@ -175,7 +174,8 @@ def test_pruned_and_distilled_student_exports_with_parity(teacher_and_text: dict
     after = float((predict_logits(student, held).argmax(1) == targets[1000:].argmax(1)).float().mean())
     assert stats.loss_end < stats.loss_start and after >= before - 0.02, (before, after)
     save_checkpoint(tmp_path / "ckpt", student, small_tok, max_len)
-    cfg = json.loads((export_in_subprocess(tmp_path / "ckpt", tmp_path / "export") / EXPORT_CONFIG).read_text())
+    export_student(tmp_path / "ckpt", tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / EXPORT_CONFIG).read_text())
     assert cfg["parity"]["float"]["max_abs_logit_diff"] <= FLOAT_TOLERANCE
     assert cfg["parity"]["int8"]["max_abs_prob_diff"] <= INT8_PROB_TOLERANCE
     assert cfg["model"]["vocab_size"] == 600

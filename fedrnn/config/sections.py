@@ -1,12 +1,7 @@
-"""Run configuration: TOML files in ``configs/`` plus command-line overrides, all validated.
+"""The config's sections: one dataclass per TOML table, with its defaults and its ``validate``.
 
-Layers, last wins: the dataclass defaults, the TOML file (after the files it ``extends``), then
-overrides (``--set section.key=value`` and the named flags of ``python -m fedrnn.simulate``).
-Every value is checked, cross-field rules included, before anything runs; an error names the key
-(``client.lr``), what was wrong, and where the value came from (the file that set it, or the
-command-line flag), so a typo never surfaces as a stack trace mid-run. Validation reads no files:
-the files a config names (a device trace) are checked where the run is prepared
-(``fedrnn.federation.prepare.check_files``).
+Cross-field rules live in ``RunConfig.validate``; reading and layering files and flags is
+``fedrnn.config.loading``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from tokenizers import Tokenizer
 from fedrnn.data.tokenizer import Encoded, encode
 from fedrnn.devices.memory import estimate_inference_memory
 from fedrnn.edge.distill import dataset_logits, distill
-from fedrnn.edge.export import ExportError
+from fedrnn.edge.export import export_student
 from fedrnn.edge.predict import EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER, Predictor
 from fedrnn.edge.prune import prune_hidden, shrink_tokenizer, token_counts
 from fedrnn.model.checkpoint import save_checkpoint
@@ -123,7 +121,8 @@ def run_trial(
     else:
         stats = distill(data.teacher, student, transfer, steps, **kw)
     save_checkpoint(out / "checkpoint", student, tok, params["max_len"])
-    export = export_in_subprocess(out / "checkpoint", out / "export")
+    export = out / "export"
+    export_student(out / "checkpoint", export)  # export_onnx runs torch's exporter in its own process
     predictor = Predictor(export, quantized=params["int8"], threads=1)
     val_pred = np.concatenate([
         predictor.logits(val.ids[i : i + 256], val.lengths[i : i + 256]).argmax(1) for i in range(0, len(val), 256)
@@ -144,22 +143,6 @@ def run_trial(
         "seconds": time.perf_counter() - t0,
         "export_dir": str(export),
     }
-
-
-def export_in_subprocess(checkpoint: Path, out: Path) -> Path:
-    """``python -m fedrnn.edge.export`` in a fresh process.
-
-    With torch 2.13 only the first ``torch.onnx.export(dynamo=True)`` of a process keeps the
-    sequence axis dynamic; later ones in the same process specialise it to the example's length
-    (the LSTM decomposition adds a guard ``seq == 8``; ``torch._dynamo.reset()`` does not undo it),
-    and the export then fails its parity check. A search exports many students, so each export
-    gets its own process.
-    """
-    proc = subprocess.run([sys.executable, "-m", "fedrnn.edge.export", str(checkpoint), "--out", str(out)],
-                          capture_output=True, text=True, check=False, timeout=900)
-    if proc.returncode != 0:
-        raise ExportError(f"exporting {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
-    return out
 
 
 def latency_p95_ms(predictor: Predictor, data: Encoded, reviews: int, warmup: int = 10) -> float:
