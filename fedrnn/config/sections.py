@@ -219,6 +219,8 @@ class DistillSection:
     cell: str = "lstm"
     feddf: bool = False  # teacher = ensemble of the round's client models (FedDF) instead of the global model
     ship: bool = True  # send the int8 student to the round's clients, which report on-device accuracy
+    per_class: bool = False  # one student per device class of [devices], each device gets its class's
+    class_students: str = ""  # per_class sizes: summary.json of python -m fedrnn.edge.search ("" = this section's)
 
     def validate(self) -> None:
         for key in ("every_k_rounds", "steps", "batch_size", "transfer_pool", "transfer_examples", "embed_dim",
@@ -419,6 +421,8 @@ class RunConfig:
         _check(all(c < self.run.clients for c in named), "faults.*_clients",
                f"must hold client ids < run.clients = {self.run.clients}", named)
         self.privacy.check_robust(self.robust)
+        _check(not (self.distill.enabled and self.distill.per_class) or self.devices.enabled, "distill.per_class",
+               "needs [devices] enabled = true (the device classes to build students for)", self.distill.per_class)
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

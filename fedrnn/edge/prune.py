@@ -199,3 +199,30 @@ def prune_vocab(model: SentimentRNN, old_ids: np.ndarray) -> SentimentRNN:
     state = {k: v for k, v in model.state_dict().items() if k != "embedding.weight"}
     small.load_state_dict({**state, "embedding.weight": model.embedding.weight[ids]})
     return small
+
+
+def id_map(old_ids: np.ndarray, teacher_vocab: int) -> np.ndarray:
+    """Teacher token id -> pruned-vocabulary id; a dropped token reads as [UNK].
+
+    The same cut as :func:`shrink_tokenizer` made on token ids, for holders of the teacher's ids
+    rather than text (a simulated device keeps its reviews tokenized): a dropped token becomes
+    [UNK] here, where the shrunk tokenizer would split it into kept pieces.
+    """
+    old = np.asarray(old_ids, dtype=np.int64)
+    if old.ndim != 1 or len(old) < 3 or old[0] != PAD_ID or old[1] != UNK_ID or old.max() >= teacher_vocab:
+        raise PruneError(f"old_ids must start with {PAD_ID}, {UNK_ID} and index a {teacher_vocab}-token vocabulary")
+    mapping = np.full(teacher_vocab, UNK_ID, dtype=np.int64)
+    mapping[old] = np.arange(len(old))
+    return mapping
+
+
+class ReadsTeacherIds(torch.nn.Module):
+    """A pruned-vocabulary model fed the teacher's token ids, translated through :func:`id_map`."""
+
+    def __init__(self, model: SentimentRNN, old_ids: np.ndarray, teacher_vocab: int) -> None:
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+        self.register_buffer("mapping", torch.from_numpy(id_map(old_ids, teacher_vocab)), persistent=False)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model(self.mapping[ids], lengths)

@@ -178,10 +178,18 @@ class Fault(Schema):
 
 @dataclass(frozen=True)
 class Student(Schema):
-    """An evaluation message whose arrays are the int8 student (``fedrnn.plugins.distill``)."""
+    """An evaluation message whose arrays are the student (``fedrnn.plugins.distill``), int8 or float32.
+
+    With a pruned vocabulary the arrays also hold ``VOCAB_IDS`` (the teacher token ids the student
+    keeps) and ``teacher_vocab`` says how many ids the device's reviews may hold.
+    """
 
     student: bool
     student_model: str  # the student's ModelConfig as JSON
+    teacher_vocab: int = 0  # > 0: the student reads the teacher's ids through ``VOCAB_IDS``
+
+
+VOCAB_IDS = "vocab.old_ids"  # a pruned-vocabulary student's kept teacher token ids (uint16 or int32)
 
 
 # ---------------------------------------------------------------------------------------------- replies

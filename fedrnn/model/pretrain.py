@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-len", type=int)
     parser.add_argument("--train-max-len", type=int)
     parser.add_argument("--spans", type=int)
+    parser.add_argument("--span-sentences", type=int)
     parser.add_argument("--token-dropout", type=float)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -268,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         num_layers=a.num_layers,
         bidirectional=a.bidirectional,
     )
-    given = {k: getattr(a, k) for k in ("epochs", "max_len", "train_max_len", "spans", "token_dropout", "batch_size",
-                                        "lr") if getattr(a, k) is not None}
+    given = {k: getattr(a, k) for k in ("epochs", "max_len", "train_max_len", "spans", "span_sentences",
+                                        "token_dropout", "batch_size", "lr") if getattr(a, k) is not None}
     recipe = PretrainConfig.previous if a.previous_recipe else PretrainConfig
     cfg = recipe(model=model, train_limit=a.train_limit, eval_limit=a.eval_limit, seed=a.seed, **given)
     metrics = pretrain(cfg, a.out, a.data_dir)

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from fedrnn.config import DevicesSection
+from fedrnn.config import DevicesSection, RunConfig
 from fedrnn.data.partitions import load_partitions, split_holdout
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.devices import (
@@ -59,6 +59,15 @@ def local_work(train_examples: int, epochs: int, batch_size: int, max_steps: int
     return samples, steps
 
 
+def build_fleet(cfg: RunConfig) -> Fleet:
+    """The run's device fleet, the same for every caller: from the trace, or the mix drawn from the seed."""
+    d = cfg.devices
+    if d.trace:
+        return load_trace(d.trace)  # checked against run.clients by prepare_run
+    return Fleet.from_mix(cfg.run.clients, d.mix, seed=cfg.run.seed, networks=d.network or d.network_mix or None,
+                          availability=d.availability or None)
+
+
 class DeviceSimulation(RoundPlugin):
     name = "devices"
 
@@ -78,12 +87,7 @@ class DeviceSimulation(RoundPlugin):
                              "real device, so set devices.enabled = false")
         self.ctx = ctx
         run, c = ctx.cfg.run, ctx.cfg.client
-        if self.cfg.trace:
-            self.fleet = load_trace(self.cfg.trace)  # checked against run.clients by prepare_run
-        else:
-            self.fleet = Fleet.from_mix(run.clients, self.cfg.mix, seed=run.seed,
-                                        networks=self.cfg.network or self.cfg.network_mix or None,
-                                        availability=self.cfg.availability or None)
+        self.fleet = build_fleet(ctx.cfg)
         splits = [split_holdout(s, c.holdout_fraction, run.seed, i)
                   for i, s in enumerate(load_partitions(ctx.files.partitions_path))]
         self.train_sizes = [len(train) for train, _ in splits]
