@@ -18,9 +18,9 @@ from fedrnn.edge.distill import dataset_logits
 from fedrnn.edge.predict import Predictor
 from fedrnn.edge.search import choose, feasible, search
 from fedrnn.edge.search import main as search_main
-from fedrnn.edge.trials import Fidelity, SearchData, Space
+from fedrnn.edge.trials import Fidelity, SearchData, Space, init_embedding_from
 from fedrnn.model.checkpoint import load_checkpoint
-from fedrnn.model.rnn import ModelConfig
+from fedrnn.model.rnn import ModelConfig, SentimentRNN
 
 
 def test_budgets_follow_the_profiles() -> None:
@@ -83,7 +83,7 @@ def test_tiny_search_respects_budgets(tiny_teacher: tuple[Path, dict], data_dir:
         test_texts=[], test_labels=np.zeros(0),
     )
     space = Space(cell=("lstm",), embed_dim=(8,), hidden_size=(8,), num_layers=(1,), vocab_size=(300, 2000),
-                  max_len=(32,), prune_ratio=(0.0, 0.5), int8=(True,))
+                  max_len=(32,), prune_ratio=(0.0, 0.5))
     roomy = Budget("roomy", 1.0, 1e6, 2**40, 2**40)
     # the full 2,000-token tokenizer alone is over this download budget; a 300-token one is under it
     small_only = Budget("small-only", 1.0, 1e6, 2**40, 40_000)
@@ -92,7 +92,11 @@ def test_tiny_search_respects_budgets(tiny_teacher: tuple[Path, dict], data_dir:
                     fid=Fidelity(low_steps=4, full_steps=6, batch_size=16, latency_reviews=10), workdir=tmp_path,
                     rule="max", seed=0, log=lambda _: None)
     rows, chosen = result["rows"], result["chosen"]
-    assert sum(r["fidelity"] == "low" for r in rows) == 3 and any(r["fidelity"] == "full" for r in rows)
+    assert sum(r["fidelity"] == "low" for r in rows) == 2 * 3 and any(r["fidelity"] == "full" for r in rows)
+    for trial in {r["trial"] for r in rows}:  # each trial measured as int8 and as float32, from one export
+        pair = sorted((r for r in rows if r["trial"] == trial), key=lambda r: r["int8"])
+        assert [r["int8"] for r in pair] == [False, True] and pair[0]["export_dir"] == pair[1]["export_dir"]
+        assert pair[1]["model_bytes"] < pair[0]["model_bytes"]
     assert chosen["impossible"] is None
     assert chosen["roomy"]["fidelity"] == "full"
     if chosen["small-only"] is not None:
@@ -102,3 +106,17 @@ def test_tiny_search_respects_budgets(tiny_teacher: tuple[Path, dict], data_dir:
     export = Path(chosen["roomy"]["export_dir"])
     assert json.loads((export / "config.json").read_text())["max_len"] == 32
     assert Predictor(export).predict_proba(["a fine film"]).shape == (1, 2)
+
+
+def test_student_embedding_starts_from_the_teachers() -> None:
+    """A rank-4 teacher embedding projected to 4 dimensions keeps every distance between kept tokens."""
+    torch.manual_seed(0)
+    teacher = SentimentRNN(ModelConfig(vocab_size=50, embed_dim=16, hidden_size=8, num_layers=1))
+    with torch.no_grad():
+        teacher.embedding.weight.copy_(torch.randn(50, 4) @ torch.randn(4, 16))
+    student = SentimentRNN(ModelConfig(vocab_size=20, embed_dim=4, hidden_size=8, num_layers=1))
+    old_ids = np.arange(0, 40, 2)
+    init_embedding_from(student, teacher, old_ids)
+    t, s = teacher.embedding.weight[torch.as_tensor(old_ids)].detach(), student.embedding.weight.detach()
+    assert torch.allclose(torch.cdist(s[1:], s[1:]), torch.cdist(t[1:], t[1:]), atol=1e-3)
+    assert torch.count_nonzero(s[0]) == 0  # padding
