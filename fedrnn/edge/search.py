@@ -26,7 +26,7 @@ How:
   float32 and as int8 (two rows per trial, so a class can get either from one distillation), on
   the deployed file: validation accuracy on held-out Amazon *train* reviews (the test split is
   used only to report the chosen students), p95 batch-1 onnxruntime latency on one thread
-  over validation reviews (the lower of two passes: the machine may be shared), bytes, and the
+  over validation reviews (thread CPU time, the lower of two passes: the machine may be shared), bytes, and the
   inference-memory estimate.
 * **Choice rule** (``--rule one-se``, default): among feasible trials, the smallest model whose
   validation accuracy is within one standard error of the best (Breiman et al.'s one-SE rule:
