@@ -18,7 +18,8 @@
 #   FEDRNN_PI_TORCH  2.9.1                      the torch wheel the guide installs (clients/README.md)
 #   FEDRNN_PI_TORCH_DIR  (unset)                a userland directory with another torch, put first on
 #                                               PYTHONPATH (e.g. /opt/torch-2.9.1, unpacked by compat.py --alt-torch)
-# `supernode` passes SUPERLINK, CA, KEY, NODE_CONFIG, RUNTIME_PORT, FEDRNN_*, FLWR_* and
+# `supernode` stretches Flower's 30 s ClientApp start window for QEMU's speed
+# (clients/pi/emulation_site/sitecustomize.py, FEDRNN_PI_HEARTBEAT_S); it passes SUPERLINK, CA, KEY, NODE_CONFIG, RUNTIME_PORT, FEDRNN_*, FLWR_* and
 # OMP_NUM_THREADS through: paths in them are paths *inside* the userland (a host path P under
 # $FEDRNN_PI_ROOT is P without that prefix). Every command runs in a private mount namespace
 # (proc and dev are mounted there and vanish with it), with a clean environment. No sysfs: the
@@ -52,7 +53,11 @@ binfmt() {
 in_root() {
     local env=(HOME="$PI_HOME" LANG=C.UTF-8 QEMU_CPU="$CPU" PIP_CERT=/etc/ssl/certs/ca-certificates.crt
                PATH="$PI_HOME/fedrnn-venv/bin:/usr/local/bin:/usr/bin:/bin" PIP_DISABLE_PIP_VERSION_CHECK=1)
-    [[ -n ${FEDRNN_PI_TORCH_DIR:-} ]] && env+=(PYTHONPATH="$FEDRNN_PI_TORCH_DIR")
+    local pythonpath=${FEDRNN_PI_TORCH_DIR:-}
+    if [[ -n ${EMULATION_SITE:-} ]]; then  # supernode: Flower's heartbeat window stretched for QEMU's speed
+        pythonpath=$EMULATION_SITE${pythonpath:+:$pythonpath}
+    fi
+    [[ -n $pythonpath ]] && env+=(PYTHONPATH="$pythonpath")
     local v
     for v in $(compgen -e); do
         [[ $v =~ ^(SUPERLINK|CA|KEY|NODE_CONFIG|RUNTIME_PORT|FEDRNN_.*|FLWR_.*|OMP_NUM_THREADS)$ ]] && env+=("$v=${!v}")
@@ -131,6 +136,10 @@ case $cmd in
     supernode)
         binfmt
         ready || die "no userland at $ROOT (run: clients/pi/emulate.sh build)"
+        # emulation only (see the file's docstring): a Pi runs Python 10-50x faster than QEMU does
+        mkdir -p "$ROOT/opt/fedrnn-emulation"
+        cp "$REPO/clients/pi/emulation_site/sitecustomize.py" "$ROOT/opt/fedrnn-emulation/"
+        EMULATION_SITE=/opt/fedrnn-emulation
         in_root bash -c 'cd "$0" && exec clients/run_supernode.sh "$@"' "$PI_HOME/fedrnn" "$@" ;;
     *)
         die "unknown command $cmd (build|install|exec|supernode|check)" ;;
