@@ -93,7 +93,7 @@ class EmulatedNode:
 
     def state_file(self) -> Path:
         """The privacy state file as this host sees it (record_dp names it from the node config)."""
-        return PI_ROOT / inside(device_state_file(self.node_config)).lstrip("/")
+        return PI_ROOT / str(device_state_file(self.node_config)).lstrip("/")  # a path inside the userland
 
 
 class PeakRss:
