@@ -237,9 +237,9 @@ def test_feddf_distils_from_the_client_models_and_state_resumes(federation: Fede
     # resume: a fresh plugin loaded from the saved state continues from the same student
     js, saved = plugin.state()
     resumed = StudentDistillation(federation.cfg.distill)
+    resumed.setup(federation.context)  # as the round loop does: set up, then restore
     resumed.load_state(json.loads(json.dumps(js)), saved)
-    resumed.ctx = federation.context
-    for k, v in resumed._student().state_dict().items():
+    for k, v in resumed._student("all").state_dict().items():
         assert torch.equal(v, student.state_dict()[k])
 
 

@@ -1,4 +1,4 @@
-"""Emulation only: stretch Flower's heartbeat window for a SuperNode running under QEMU.
+"""Emulation only: stretch Flower's ClientApp start window for a SuperNode running under QEMU.
 
 A Flower 1.42 SuperNode gives each ClientApp process it launches ``HEARTBEAT_DEFAULT_INTERVAL``
 (30 s, a constant with no setting) from claiming the task to the app's first call; later
@@ -6,8 +6,9 @@ heartbeats get twice that. Under QEMU user-mode emulation Python runs some 10-50
 the board it emulates: ``flwr-clientapp --help`` alone takes 18.5 CPU-s (33 s wall) in the
 cortex-a53 userland here, so every launched ClientApp misses the window and the SuperNode
 relaunches it forever. ``clients/pi/emulate.sh supernode`` puts this directory on PYTHONPATH so
-the constant becomes ``FEDRNN_PI_HEARTBEAT_S`` (default 600) in the emulated processes only;
-nothing on a real device or in the Pi guide loads it.
+the task-token store's copy of that constant (``flwr.supercore.corestate``) becomes
+``FEDRNN_PI_HEARTBEAT_S`` (default 600) in the emulated processes only; the SuperNode's own
+heartbeat to the SuperLink keeps Flower's 30 s. Nothing on a real device or in the Pi guide loads it.
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ import os
 import sys
 from types import ModuleType
 
-TARGET = "flwr.common.constant"
+TARGETS = {"flwr.supercore.corestate.in_memory_corestate", "flwr.supercore.corestate.sql_corestate"}
 
 
-class _StretchHeartbeat(importlib.abc.MetaPathFinder):
-    """Finds ``flwr.common.constant`` as usual and changes the constant right after it runs."""
+class _StretchTaskWindow(importlib.abc.MetaPathFinder):
+    """Finds the task-token stores as usual and changes their window constant right after each runs."""
+
+    def __init__(self) -> None:
+        self.pending = set(TARGETS)
 
     def find_spec(self, name: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
-        if name != TARGET:
+        if name not in self.pending:
             return None
-        sys.meta_path.remove(self)
+        self.pending.discard(name)
+        if not self.pending:
+            sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)  # type: ignore[arg-type]
         if spec is None or spec.loader is None:
             return spec
@@ -41,4 +47,4 @@ class _StretchHeartbeat(importlib.abc.MetaPathFinder):
         return spec
 
 
-sys.meta_path.insert(0, _StretchHeartbeat())
+sys.meta_path.insert(0, _StretchTaskWindow())
