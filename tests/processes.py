@@ -79,3 +79,13 @@ def kill_after_round(cmd: list[str], run_dir: Path, env: dict[str, str], cwd: Pa
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     return int(json.loads(state.read_text())["round"])
+
+
+def simulate_run(config: Path, teacher: Path, out: Path, cache: Path, timeout: float) -> Path:
+    """``python -m fedrnn.simulate --config CONFIG --teacher TEACHER --out OUT`` in a fresh process; OUT."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "FEDRNN_CACHE_DIR": str(cache), "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", "--config", str(config), "--teacher", str(teacher),
+                        "--out", str(out)], env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out

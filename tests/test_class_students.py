@@ -10,14 +10,12 @@ reports its accuracy on its own held-out reviews.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from processes import simulate_run
 
 from fedrnn.config import ConfigError, DistillSection, load_config
 from fedrnn.data.tokenizer import Encoded
@@ -98,13 +96,7 @@ hidden_size = 16
 per_class = true
 class_students = "{summary}"
 """)
-    out = tmp / "run"
-    env = {**os.environ, "FEDRNN_CACHE_DIR": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", "--config", str(config), "--teacher",
-                        str(tiny_teacher[0]), "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=TIMEOUT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out
+    return simulate_run(config, tiny_teacher[0], tmp / "run", tmp / "cache", TIMEOUT)
 
 
 def test_each_class_gets_its_own_student(class_run: Path) -> None:

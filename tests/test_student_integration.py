@@ -21,6 +21,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from messages import reply_metadata, round_info, task
+from processes import simulate_run
 
 from fedrnn.config import CompressionSection, ConfigError, load_config
 from fedrnn.data.loaders import amazon_split, load_amazon
@@ -269,13 +270,7 @@ uplink = "int8"
 rounding = "stochastic"
 error_feedback = true
 """)
-    out = tmp / "run"
-    env = {**os.environ, "FEDRNN_CACHE_DIR": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "fedrnn.simulate", "--config", str(config), "--teacher",
-                        str(tiny_teacher[0]), "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=TIMEOUT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out
+    return simulate_run(config, tiny_teacher[0], tmp / "run", tmp / "cache", TIMEOUT)
 
 
 def test_int8_wire_counts_and_student_metrics(student_run: Path, tiny_teacher: tuple[Path, dict]) -> None:

@@ -185,6 +185,7 @@ class StudentDistillation(RoundPlugin):
         self.vocab: dict[str, tuple[Tokenizer, np.ndarray]] = {
             name: shrink_tokenizer(self.tokenizer, counts, s.vocab_size)
             for name, s in self.specs.items() if 0 < s.vocab_size < teacher_vocab}
+        self.id_maps = {name: id_map(old_ids, teacher_vocab) for name, (_, old_ids) in self.vocab.items()}
 
     def _due(self, rnd: int) -> bool:
         return rnd % self.cfg.every_k_rounds == 0 or rnd == self.ctx.cfg.run.rounds
@@ -227,7 +228,7 @@ class StudentDistillation(RoundPlugin):
             sfx = "" if name == "all" else f"/{name}"
             student = self._student(name)
             data = subset if name not in self.vocab else Encoded(
-                id_map(self.vocab[name][1], ctx.base.cfg.vocab_size)[subset.ids], subset.lengths, subset.labels)
+                self.id_maps[name][subset.ids], subset.lengths, subset.labels)
             stats = distill(teachers, student, data, c.steps, c.batch_size, c.temperature, c.lr,
                             rng, teacher_logits=targets)
             self.student_state[name] = {k: v.detach().numpy().copy() for k, v in student.state_dict().items()}
