@@ -125,6 +125,20 @@ def test_distill_is_reproducible_restores_teacher_mode_and_uses_cached_targets(s
     teacher.eval()
 
 
+def test_cosine_decay_starts_at_the_full_rate_and_then_changes_the_result(setup: dict) -> None:
+    teacher, transfer = setup["teacher"], setup["transfer"].subset(np.arange(300))
+    base = make_student(teacher.cfg, embed_dim=8, hidden_size=8)
+
+    def run(steps: int, cosine: bool) -> SentimentRNN:
+        s = copy.deepcopy(base)
+        distill(teacher, s, transfer, steps=steps, batch_size=16, lr=1e-2, rng=np.random.default_rng(1),
+                cosine=cosine)
+        return s
+
+    assert torch.equal(run(1, True).head.weight, run(1, False).head.weight)  # step 1 at the full rate
+    assert not torch.equal(run(4, True).head.weight, run(4, False).head.weight)  # later steps at a lower one
+
+
 def test_hard_label_weight_one_ignores_the_teacher(setup: dict) -> None:
     teacher = setup["teacher"]
     labelled = setup["held"].subset(np.arange(200))

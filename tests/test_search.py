@@ -63,6 +63,13 @@ def test_choice_respects_every_budget_and_the_one_se_rule() -> None:
     assert choose(rows[:3], b, "max", n_val=1000) is None
 
 
+def test_a_model_file_cap_is_one_more_budget() -> None:
+    capped = Budget("x", 1.0, 1e6, 2**40, 2**40, model_bytes=100)
+    assert feasible(capped, _row(0.9, 100)) and not feasible(capped, _row(0.9, 101))
+    assert feasible(Budget("x", 1.0, 1e6, 2**40, 2**40), _row(0.9, 10**9))  # no cap by default
+    assert budget_for(PROFILES["rpi4"], 5_000).model_bytes == 5_000
+
+
 def test_search_command_rejects_an_unknown_class() -> None:
     with pytest.raises(SystemExit, match="unknown device class 'toaster'"):
         search_main(["--device-class", "toaster"])

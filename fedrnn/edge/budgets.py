@@ -13,6 +13,8 @@ numbers are assumptions of this module, not measurements, and each is one line t
   background job.
 * **download**: the export (model file, tokenizer, config) downloads in 1 s on the class's
   network (its Wi-Fi radio cap applied), so an update reaches a fleet in one short burst.
+* **model file** (optional, none by default): a cap a user sets on the model file's bytes
+  (``--max-model-bytes``), e.g. flash space or an over-the-air update limit the profiles do not model.
 """
 
 from __future__ import annotations
@@ -39,14 +41,19 @@ class Budget:
     latency_p95_ms: float
     ram_bytes: int
     download_bytes: int
+    model_bytes: int | None = None  # a user's cap on the model file; None: no cap
 
-    def violations(self, host_p95_ms: float, ram_bytes: int, download_bytes: int) -> dict[str, float]:
+    def violations(self, host_p95_ms: float, ram_bytes: int, download_bytes: int,
+                   model_bytes: int = 0) -> dict[str, float]:
         """Per budget, how far over it a student is (<= 0: within), as a fraction of the budget."""
-        return {
+        out = {
             "latency": self.device_latency_ms(host_p95_ms) / self.latency_p95_ms - 1,
             "ram": ram_bytes / self.ram_bytes - 1,
             "download": download_bytes / self.download_bytes - 1,
         }
+        if self.model_bytes is not None:
+            out["model"] = model_bytes / self.model_bytes - 1
+        return out
 
     def device_latency_ms(self, host_ms: float) -> float:
         return host_ms / self.relative_speed
@@ -55,12 +62,13 @@ class Budget:
         return asdict(self)
 
 
-def budget_for(profile: DeviceProfile) -> Budget:
+def budget_for(profile: DeviceProfile, max_model_bytes: int | None = None) -> Budget:
     net = NETWORKS[profile.network]
     down = net.down_bps if profile.wifi_cap_bps is None else min(net.down_bps, profile.wifi_cap_bps)
     return Budget(
         device_class=profile.name, relative_speed=profile.relative_speed, latency_p95_ms=LATENCY_P95_MS,
         ram_bytes=int(profile.ram_total_bytes * RAM_FRACTION), download_bytes=int(down / 8 * DOWNLOAD_SECONDS),
+        model_bytes=max_model_bytes,
     )
 
 

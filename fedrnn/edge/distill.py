@@ -96,6 +96,7 @@ def distill(
     hard_label_weight: float = 0.0,
     teacher_logits: torch.Tensor | None = None,
     clip_norm: float | None = 1.0,
+    cosine: bool = False,
 ) -> DistillStats:
     """Train ``student`` for ``steps`` batches to mimic the teacher(s) on ``transfer``.
 
@@ -105,6 +106,8 @@ def distill(
     row per transfer review, e.g. from ``dataset_logits``) to reuse cached targets instead;
     then the student may read another tokenizer's ids than the teacher (a pruned vocabulary),
     as long as row ``i`` of ``transfer`` is the same review the targets were computed on.
+    ``cosine`` decays the learning rate to zero over the ``steps`` (cosine annealing): a long
+    distillation at a constant rate ends noisy, one that decays ends in the minimum it found.
     Batches are drawn with ``rng``, so each call sees a fresh random subsample of a large
     transfer set; the student's dropout is seeded from ``rng`` too, without touching the
     global torch RNG, so a call is reproducible from its ``rng``.
@@ -114,6 +117,7 @@ def distill(
     rng = rng if rng is not None else np.random.default_rng()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     losses: list[float] = []
     seen = agree = 0
     t0 = time.perf_counter()
@@ -140,6 +144,8 @@ def distill(
                 if clip_norm:
                     nn.utils.clip_grad_norm_(params, clip_norm)
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 losses.append(float(loss.detach()))
                 seen += len(index)
                 agree += int((logits.detach().argmax(1) == target.argmax(1)).sum())

@@ -2,7 +2,8 @@
 
 For each device class, the student (cell, embedding and hidden sizes, layers, vocabulary size,
 max length, hidden-unit pruning ratio, int8 or float) with the best Amazon accuracy under the
-class's budgets (:mod:`fedrnn.edge.budgets`: p95 batch-1 latency, inference RAM, download).
+class's budgets (:mod:`fedrnn.edge.budgets`: p95 batch-1 latency, inference RAM, download, and
+the model file's bytes when ``--max-model-bytes`` caps them).
 
 How:
 
@@ -73,8 +74,14 @@ from fedrnn.edge.trials import (
 RULES = ("one-se", "max")
 
 
+def violation(budget: Budget, row: dict[str, Any]) -> float:
+    """How far over its worst budget a trial is for ``budget``'s class (<= 0: feasible)."""
+    return max(budget.violations(row["host_p95_ms"], row["ram_bytes"], row["download_bytes"],
+                                 row["model_bytes"]).values())
+
+
 def feasible(budget: Budget, row: dict[str, Any]) -> bool:
-    return max(budget.violations(row["host_p95_ms"], row["ram_bytes"], row["download_bytes"]).values()) <= 0
+    return violation(budget, row) <= 0
 
 
 def choose(rows: list[dict[str, Any]], budget: Budget, rule: str, n_val: int) -> dict[str, Any] | None:
@@ -107,8 +114,7 @@ def search(
         variants = run_trial(data, params, steps, fid, workdir / f"trial-{n:03d}-{fidelity}", seed + n)
         for int8, metrics in variants.items():
             row = {"trial": n, "fidelity": fidelity, **params, "int8": int8, **metrics}
-            row["violation"] = min(max(b.violations(row["host_p95_ms"], row["ram_bytes"],
-                                                    row["download_bytes"]).values()) for b in budgets)
+            row["violation"] = min(violation(b, row) for b in budgets)
             rows.append(row)
             log(f"trial {n} ({fidelity}, {'int8' if int8 else 'float'}): {params} -> val acc "
                 f"{row['val_accuracy']:.4f}, host p95 {row['host_p95_ms']:.3f} ms, {row['model_bytes']:,} B, "
@@ -188,9 +194,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-promote", type=int, default=3, help="low-fidelity trials re-run at full fidelity")
     p.add_argument("--low-steps", type=int, default=Fidelity.low_steps)
     p.add_argument("--full-steps", type=int, default=Fidelity.full_steps)
+    p.add_argument("--cosine", action="store_true", help="decay each distillation's learning rate (cosine)")
     p.add_argument("--transfer-size", type=int, default=8000, help="unlabelled IMDB reviews to distil on")
     p.add_argument("--val-size", type=int, default=1000, help="Amazon train reviews to choose students on")
     p.add_argument("--rule", choices=RULES, default="one-se")
+    p.add_argument("--max-model-bytes", type=int, default=None,
+                   help="also cap the model file at this many bytes for every class (default: no cap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="simulations/results/student_search")
     p.add_argument("--export-root", default="runs/student_search", help="per-class export dirs (git-ignored)")
@@ -203,8 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         classes = list(PROFILES) if a.all else list(dict.fromkeys(resolve_class(c) for c in a.device_class))
     except BudgetError as e:
         raise SystemExit(f"error: {e}") from e
-    for name in ("trials", "low_steps", "full_steps", "transfer_size", "val_size", "max_promote"):
-        if getattr(a, name) < 1:
+    for name in ("trials", "low_steps", "full_steps", "transfer_size", "val_size", "max_promote", "max_model_bytes"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     cache = Path(os.environ.get("FEDRNN_CACHE_DIR", "cache"))
     teacher_dir = Path(a.teacher) if a.teacher else cache / "teacher"
@@ -215,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     export_root = Path(a.export_root)
     data = load_search_data(teacher_dir, a.data_dir, a.transfer_size, a.val_size, a.seed, Path("cache") / "edge")
     t_data = time.perf_counter() - t0
-    budgets = [budget_for(PROFILES[c]) for c in classes]
-    fid = Fidelity(low_steps=a.low_steps, full_steps=a.full_steps)
+    budgets = [budget_for(PROFILES[c], a.max_model_bytes) for c in classes]
+    fid = Fidelity(low_steps=a.low_steps, full_steps=a.full_steps, cosine=a.cosine)
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)

@@ -33,7 +33,7 @@ class Space:
     embed_dim: tuple[int, ...] = (16, 24, 32, 48)
     hidden_size: tuple[int, ...] = (32, 48, 64, 96, 128)
     num_layers: tuple[int, ...] = (1, 2)
-    vocab_size: tuple[int, ...] = (1000, 2000, 4000, 8000, 16000)
+    vocab_size: tuple[int, ...] = (1000, 2000, 4000, 5000, 8000, 16000)
     max_len: tuple[int, ...] = (64, 128, 256)
     prune_ratio: tuple[float, ...] = (0.0, 0.25, 0.5)
 
@@ -46,6 +46,7 @@ class Fidelity:
     lr: float = 5e-3
     temperature: float = 2.0
     latency_reviews: int = 100
+    cosine: bool = False  # decay the learning rate over each distillation phase
 
 
 @dataclass
@@ -117,7 +118,7 @@ def run_trial(
     init_embedding_from(student, data.teacher, data.kept_ids(params["vocab_size"]))
     rng = np.random.default_rng(seed)
     kw = dict(batch_size=fid.batch_size, temperature=fid.temperature, lr=fid.lr, rng=rng,
-              teacher_logits=data.teacher_logits)
+              teacher_logits=data.teacher_logits, cosine=fid.cosine)
     final_hidden = max(1, round(params["hidden_size"] * (1 - params["prune_ratio"])))
     if final_hidden < params["hidden_size"]:
         first = max(1, (2 * steps) // 3)
