@@ -14,11 +14,11 @@ from fedrnn.data.tokenizer import encode
 from fedrnn.devices.memory import ORT_RUNTIME_BYTES, estimate_inference_memory
 from fedrnn.devices.profiles import PROFILES
 from fedrnn.edge.budgets import LATENCY_P95_MS, Budget, BudgetError, budget_for, resolve_class
-from fedrnn.edge.distill import dataset_logits
+from fedrnn.edge.distill import dataset_logits, init_embedding_from
 from fedrnn.edge.predict import Predictor
 from fedrnn.edge.search import choose, feasible, search
 from fedrnn.edge.search import main as search_main
-from fedrnn.edge.trials import Fidelity, SearchData, Space, init_embedding_from
+from fedrnn.edge.trials import Fidelity, SearchData, Space
 from fedrnn.model.checkpoint import load_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN
 
@@ -123,7 +123,7 @@ def test_student_embedding_starts_from_the_teachers() -> None:
         teacher.embedding.weight.copy_(torch.randn(50, 4) @ torch.randn(4, 16))
     student = SentimentRNN(ModelConfig(vocab_size=20, embed_dim=4, hidden_size=8, num_layers=1))
     old_ids = np.arange(0, 40, 2)
-    init_embedding_from(student, teacher, old_ids)
+    init_embedding_from(student, teacher.embedding.weight, old_ids)
     t, s = teacher.embedding.weight[torch.as_tensor(old_ids)].detach(), student.embedding.weight.detach()
     assert torch.allclose(torch.cdist(s[1:], s[1:]), torch.cdist(t[1:], t[1:]), atol=1e-3)
     assert torch.count_nonzero(s[0]) == 0  # padding

@@ -39,6 +39,21 @@ def make_student(
     return SentimentRNN(cfg)
 
 
+@torch.no_grad()
+def init_embedding_from(student: SentimentRNN, teacher_embedding: torch.Tensor, old_ids: np.ndarray) -> None:
+    """Start the student's embedding from the teacher's: the kept tokens' rows projected onto their top
+    ``embed_dim`` principal directions (PCA), so a short distillation starts from word meanings the
+    teacher learnt rather than from noise."""
+    rows = teacher_embedding[torch.as_tensor(np.asarray(old_ids), dtype=torch.long)]
+    dim = student.cfg.embed_dim
+    if dim >= rows.shape[1]:
+        student.embedding.weight[:, : rows.shape[1]] = rows
+        return
+    _, _, v = torch.linalg.svd(rows - rows.mean(0), full_matrices=False)
+    student.embedding.weight.copy_(rows @ v[:dim].T)
+    student.embedding.weight[0].zero_()  # padding stays the zero vector
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(teacher_T || student_T)``, the standard Hinton direction (soft-target cross-entropy).
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from fedrnn.data.tokenizer import Encoded, encode
 from fedrnn.devices.memory import estimate_inference_memory
-from fedrnn.edge.distill import dataset_logits, distill
+from fedrnn.edge.distill import dataset_logits, distill, init_embedding_from
 from fedrnn.edge.export import export_student
 from fedrnn.edge.predict import EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER, Predictor
 from fedrnn.edge.prune import prune_hidden, shrink_tokenizer, token_counts
@@ -115,7 +115,7 @@ def run_trial(
     )
     torch.manual_seed(seed)
     student = SentimentRNN(cfg)
-    init_embedding_from(student, data.teacher, data.kept_ids(params["vocab_size"]))
+    init_embedding_from(student, data.teacher.embedding.weight, data.kept_ids(params["vocab_size"]))
     rng = np.random.default_rng(seed)
     kw = dict(batch_size=fid.batch_size, temperature=fid.temperature, lr=fid.lr, rng=rng,
               teacher_logits=data.teacher_logits, cosine=fid.cosine)
@@ -150,21 +150,6 @@ def run_trial(
     for v in variants.values():
         v["seconds"] = time.perf_counter() - t0  # the trial's whole cost, both variants measured
     return variants
-
-
-@torch.no_grad()
-def init_embedding_from(student: SentimentRNN, teacher: SentimentRNN, old_ids: np.ndarray) -> None:
-    """Start the student's embedding from the teacher's: the kept tokens' rows projected onto their top
-    ``embed_dim`` principal directions (PCA), so a short distillation starts from word meanings the
-    teacher learnt rather than from noise."""
-    rows = teacher.embedding.weight[torch.as_tensor(np.asarray(old_ids), dtype=torch.long)]
-    dim = student.cfg.embed_dim
-    if dim >= rows.shape[1]:
-        student.embedding.weight[:, : rows.shape[1]] = rows
-        return
-    _, _, v = torch.linalg.svd(rows - rows.mean(0), full_matrices=False)
-    student.embedding.weight.copy_(rows @ v[:dim].T)
-    student.embedding.weight[0].zero_()  # padding stays the zero vector
 
 
 def latency_p95_ms(predictor: Predictor, data: Encoded, reviews: int, warmup: int = 10) -> float:

@@ -3,9 +3,10 @@
 Every ``distill.every_k_rounds`` rounds (and after the last) the server trains a small
 ``SentimentRNN`` (``fedrnn.edge.distill``) to mimic the freshly aggregated global model — or, with
 ``distill.feddf``, the ensemble of the round's client models (FedDF) — on a fresh random
-subsample of the unlabelled IMDB reviews it holds. The student is warm-started from the
-previous distillation (kept in the plugin state, so ``--resume`` continues it) and its
-vocabulary is the teacher's, so both read the same tokenizer's ids.
+subsample of the unlabelled IMDB reviews it holds. The first student's embedding starts from the
+teacher's (PCA-projected to its width, as the student search does); later ones are warm-started
+from the previous distillation (kept in the plugin state, so ``--resume`` continues it). Its
+vocabulary is the teacher's, so both read the same tokenizer's ids (or a cut of it, below).
 
 Each distillation:
 * evaluates the student server-side like the global model (``student_target_accuracy``, ...),
@@ -36,7 +37,7 @@ from fedrnn.config import DistillSection
 from fedrnn.data.loaders import load_imdb
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.data.tokenizer import encode as encode_texts
-from fedrnn.edge.distill import STUDENT_SUBDIR, dataset_logits, distill, make_student
+from fedrnn.edge.distill import STUDENT_SUBDIR, dataset_logits, distill, init_embedding_from, make_student
 from fedrnn.edge.prune import ReadsTeacherIds, id_map, prune_vocab, shrink_tokenizer, token_counts
 from fedrnn.edge.quantize import QuantizationError, decode, encode, is_encoded
 from fedrnn.federation.local import local_evaluate
@@ -206,6 +207,9 @@ class StudentDistillation(RoundPlugin):
             student = prune_vocab(student, self.vocab[name][1])
         if name in self.student_state:
             student.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in self.student_state[name].items()})
+        else:  # the first distillation starts from the teacher's word embeddings, as the search's students do
+            kept = self.vocab[name][1] if name in self.vocab else np.arange(self.ctx.base.cfg.vocab_size)
+            init_embedding_from(student, self.ctx.base.state["embedding.weight"], kept)
         return student
 
     def _reads_teacher_ids(self, name: str, student: SentimentRNN) -> torch.nn.Module:
