@@ -16,7 +16,7 @@ from fedrnn.devices.profiles import PROFILES
 from fedrnn.edge.budgets import LATENCY_P95_MS, Budget, BudgetError, budget_for, resolve_class
 from fedrnn.edge.distill import dataset_logits, init_embedding_from
 from fedrnn.edge.predict import Predictor
-from fedrnn.edge.search import choose, feasible, search
+from fedrnn.edge.search import choose, feasible, promotions, search
 from fedrnn.edge.search import main as search_main
 from fedrnn.edge.trials import Fidelity, SearchData, Space
 from fedrnn.model.checkpoint import load_checkpoint
@@ -127,3 +127,14 @@ def test_student_embedding_starts_from_the_teachers() -> None:
     t, s = teacher.embedding.weight[torch.as_tensor(old_ids)].detach(), student.embedding.weight.detach()
     assert torch.allclose(torch.cdist(s[1:], s[1:]), torch.cdist(t[1:], t[1:]), atol=1e-3)
     assert torch.count_nonzero(s[0]) == 0  # padding
+
+
+def test_promotion_takes_each_class_choice_then_its_best_in_turns() -> None:
+    roomy, tight = Budget("roomy", 1.0, 1e6, 2**40, 2**40), Budget("tight", 1.0, 1e6, 2**40, 2**40, model_bytes=50)
+    rows = [dict(_row(acc, size), **{name: (acc, size) for name in Space.__annotations__})
+            for acc, size in ((0.90, 100), (0.89, 40), (0.80, 30), (0.70, 20), (0.60, 200))]
+    picked = [p["cell"] for p in promotions(rows, [roomy, tight], "max", n_val=1000, limit=4)]
+    # choices (0.90 for roomy, 0.89 for tight), then rank 1 of each (0.89 again, 0.80), then rank 2 ...
+    assert picked == [(0.90, 100), (0.89, 40), (0.80, 30), (0.70, 20)]
+    assert len(promotions(rows, [roomy], "max", 1000, limit=2)) == 2
+    assert promotions(rows, [Budget("none", 1.0, 1e6, 2**40, 2**40, model_bytes=1)], "max", 1000, 3) == []

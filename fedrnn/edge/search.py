@@ -13,10 +13,11 @@ How:
   constraint "within the budgets of at least one requested class" (``Trial.set_constraint``),
   and each class then reads the trials feasible for it.
 * **Two fidelities.** Sampled trials are *low fidelity*: a short distillation
-  (``--low-steps``). For each class, the low-fidelity choice (rule below) and its most
-  accurate feasible trial are *promoted*: re-run from scratch with the full distillation
-  (``--full-steps``) and added to the study as full-fidelity trials, at most ``--max-promote``
-  (the classes' choices before their most accurate trials). Only full-fidelity trials are chosen.
+  (``--low-steps``). Up to ``--max-promote`` of them are *promoted*: re-run from scratch with
+  the full distillation (``--full-steps``) and added to the study as full-fidelity trials; first
+  each class's low-fidelity choice (rule below), then each class's feasible trials from the most
+  accurate down, in turns (a short distillation ranks students only roughly). Only full-fidelity
+  trials are chosen.
 * **A trial** shrinks the teacher's tokenizer to the sampled vocabulary
   (:func:`fedrnn.edge.prune.shrink_tokenizer`, frequencies from the transfer and Amazon train
   texts), distils a fresh student from cached teacher logits on unlabelled IMDB reviews (its
@@ -97,6 +98,26 @@ def choose(rows: list[dict[str, Any]], budget: Budget, rule: str, n_val: int) ->
     return min(close, key=lambda r: (r["model_bytes"], -r["val_accuracy"]))
 
 
+def promotions(low: list[dict[str, Any]], budgets: Sequence[Budget], rule: str, n_val: int,
+               limit: int) -> list[dict[str, Any]]:
+    """The low-fidelity students to re-run at full fidelity, at most ``limit``: each class's choice
+    under ``rule`` first, then each class's feasible trials from the most accurate down, in turns.
+
+    A short distillation ranks students only roughly (small vocabularies learn fastest), so a
+    class is given several of its best rather than only its best.
+    """
+    ranked = [sorted((r for r in low if feasible(b, r)), key=lambda r: (-r["val_accuracy"], r["model_bytes"]))
+              for b in budgets]
+    order = [choose(low, b, rule, n_val) for b in budgets]
+    order += [rows[i] for i in range(max(map(len, ranked), default=0)) for rows in ranked if i < len(rows)]
+    out: dict[str, dict[str, Any]] = {}
+    for r in order:
+        if r is not None and len(out) < limit:
+            params = {name: r[name] for name in Space.__annotations__}
+            out.setdefault(params_key(params), params)
+    return list(out.values())
+
+
 def search(
     data: SearchData, budgets: Sequence[Budget], *, trials: int, space: Space, fid: Fidelity, workdir: Path,
     rule: str = "one-se", seed: int = 0, timeout_s: float | None = None, max_promote: int = 6, log: Any = print,
@@ -134,12 +155,7 @@ def search(
 
     n_val = len(data.val_texts)
     low = [r for r in rows if r["fidelity"] == "low"]
-    promote: dict[str, dict[str, Any]] = {}  # each class's choice first, then each class's most accurate
-    for r in [choose(low, b, rule, n_val) for b in budgets] + [choose(low, b, "max", n_val) for b in budgets]:
-        if r is not None:
-            params = {name: r[name] for name in Space.__annotations__}
-            promote.setdefault(params_key(params), params)
-    for params in list(promote.values())[:max_promote]:
+    for params in promotions(low, budgets, rule, n_val, max_promote):
         record(params, "full", fid.full_steps)
     full = [r for r in rows if r["fidelity"] == "full"]
     return {"rows": rows, "chosen": {b.device_class: choose(full, b, rule, n_val) for b in budgets}}
