@@ -143,6 +143,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), sharey=True, squeeze=False)
     for ax, setting in zip(axes[0], names, strict=True):
         for level, marker in zip(LEVELS, "os", strict=True):
+            if not any(r["level"] == level for r in results):
+                continue
             pts = sorted((e, *ms) for e, ms in cells(results, setting, level).items() if not math.isinf(e))
             if pts:
                 eps, mean, se = zip(*pts, strict=True)
@@ -169,7 +171,7 @@ def table(results: list[dict]) -> str:
     eps_cols = [*sorted({r["target_epsilon"] for r in results if not math.isinf(r["target_epsilon"])}), math.inf]
     lines = ["| DP level | setting | " + " | ".join(f"eps={e:g}" for e in eps_cols) + " | zero-shot |",
              "|---|---|" + "---|" * (len(eps_cols) + 1)]
-    for level in LEVELS:
+    for level in [x for x in LEVELS if any(r["level"] == x for r in results)]:
         for setting in dict.fromkeys(r["setting"] for r in results):
             acc = cells(results, setting, level)
             zero = mean_se([r["zero_shot_accuracy"] for r in results if r["setting"] == setting
@@ -198,6 +200,7 @@ def main() -> None:
     p.add_argument("--work", default="runs/privacy_study", help="run directories (finished runs are reused)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="Dirichlet alphas to run")
     p.add_argument("--epsilons", type=float, nargs="+", default=list(EPSILONS), help="target epsilons to run")
+    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS, help="DP levels to run")
     p.add_argument("--name", default="privacy_study", help="results file stem in simulations/results")
     a = p.parse_args()
     work = Path(a.work)
@@ -206,7 +209,7 @@ def main() -> None:
     results = []
     for alpha in settings(a):
         setting = setting_name(alpha, a.partition)
-        plan = [("none", math.inf)] + [(level, eps) for level in LEVELS for eps in a.epsilons]
+        plan = [("none", math.inf)] + [(level, eps) for level in a.levels for eps in a.epsilons]
         runs = {f"{setting.replace('=', '')}-s{seed}-{level}-eps{eps:g}": (level, eps, seed)
                 for seed in a.seeds for level, eps in plan}
         summaries = run_batch({n: config_from_dict(run_config(a, alpha, level, eps, seed))

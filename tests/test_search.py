@@ -75,6 +75,13 @@ def test_search_command_rejects_an_unknown_class() -> None:
         search_main(["--device-class", "toaster"])
 
 
+def test_search_command_names_what_is_wrong_with_an_enqueued_student() -> None:
+    student = {"cell": "lstm", "embed_dim": 16, "hidden_size": 64, "num_layers": 1, "vocab_size": 4000,
+               "max_len": 256, "prune_ratio": 0.0}
+    with pytest.raises(SystemExit, match="hidden_size, wings missing or outside the space"):
+        search_main(["--device-class", "rpi4", "--enqueue", json.dumps(student | {"hidden_size": 65, "wings": 2})])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # every trial exports in its own process; minutes on a busy 2-core machine
 def test_tiny_search_respects_budgets(tiny_teacher: tuple[Path, dict], data_dir: Path, tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ How:
   validation accuracy, minimise host p95 latency and model bytes) samples students, with the
   constraint "within the budgets of at least one requested class" (``Trial.set_constraint``),
   and each class then reads the trials feasible for it.
+* **Seeding.** ``--enqueue JSON`` (repeatable) makes the study try given students first, e.g.
+  ones found in earlier runs (Optuna's ``enqueue_trial``); they count among ``--trials``.
 * **Two fidelities.** Sampled trials are *low fidelity*: a short distillation
   (``--low-steps``). Up to ``--max-promote`` of them are *promoted*: re-run from scratch with
   the full distillation (``--full-steps``) and added to the study as full-fidelity trials; first
@@ -121,8 +123,13 @@ def promotions(low: list[dict[str, Any]], budgets: Sequence[Budget], rule: str, 
 def search(
     data: SearchData, budgets: Sequence[Budget], *, trials: int, space: Space, fid: Fidelity, workdir: Path,
     rule: str = "one-se", seed: int = 0, timeout_s: float | None = None, max_promote: int = 6, log: Any = print,
+    enqueue: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Run the two-fidelity study; returns all trial rows and each class's chosen full-fidelity row."""
+    """Run the two-fidelity study; returns all trial rows and each class's chosen full-fidelity row.
+
+    ``enqueue``: students (all of the space's keys) to try first, counted in ``trials`` (Optuna's
+    ``enqueue_trial``: seeding a study with configurations known from earlier work).
+    """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not budgets:
@@ -151,6 +158,8 @@ def search(
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(8, trials))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
+    for params in enqueue:
+        study.enqueue_trial(params)
     study.optimize(objective, n_trials=trials, timeout=timeout_s)
 
     n_val = len(data.val_texts)
@@ -214,6 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transfer-size", type=int, default=8000, help="unlabelled IMDB reviews to distil on")
     p.add_argument("--val-size", type=int, default=1000, help="Amazon train reviews to choose students on")
     p.add_argument("--rule", choices=RULES, default="one-se")
+    p.add_argument("--enqueue", action="append", default=[], type=json.loads, metavar="JSON",
+                   help="a student to try first, as a JSON object of every space key (repeatable)")
     p.add_argument("--max-model-bytes", type=int, default=None,
                    help="also cap the model file at this many bytes for every class (default: no cap)")
     p.add_argument("--seed", type=int, default=0)
@@ -231,6 +242,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("trials", "low_steps", "full_steps", "transfer_size", "val_size", "max_promote", "max_model_bytes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for params in a.enqueue:
+        bad = {k for k in Space.__annotations__ if params.get(k) not in getattr(Space(), k)} | (
+            set(params) - set(Space.__annotations__))
+        if bad:
+            raise SystemExit(f"error: --enqueue {json.dumps(params)}: {', '.join(sorted(bad))} missing or outside "
+                             f"the space {asdict(Space())}")
     cache = Path(os.environ.get("FEDRNN_CACHE_DIR", "cache"))
     teacher_dir = Path(a.teacher) if a.teacher else cache / "teacher"
     if not (teacher_dir / "model.safetensors").is_file():
@@ -247,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
 
     result = search(data, budgets, trials=a.trials, space=Space(), fid=fid, workdir=export_root / "trials",
-                    rule=a.rule, seed=a.seed, timeout_s=a.timeout_s, max_promote=a.max_promote, log=log)
+                    rule=a.rule, seed=a.seed, timeout_s=a.timeout_s, max_promote=a.max_promote, log=log,
+                    enqueue=a.enqueue)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher_test = teacher_accuracy(data, data.test_texts, data.test_labels, data.teacher_max_len)
@@ -272,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher": str(teacher_dir), "teacher_test_accuracy": teacher_test,
         "test_examples": len(data.test_texts), "val_examples": len(data.val_texts),
         "fidelity": asdict(fid), "rule": a.rule, "trials_low": a.trials, "max_promote": a.max_promote,
+        "enqueued": a.enqueue, "max_model_bytes": a.max_model_bytes,
         "transfer_size": a.transfer_size, "space": asdict(Space()),
         "seconds": {"data": t_data, "total": time.perf_counter() - t0},
         "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
