@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (both runs share the machine)")
     p.add_argument("--train-limit", type=int, help="subsample IMDB train (a quick check, not a result)")
     p.add_argument("--eval-limit", type=int)
+    p.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
     p.add_argument("--full-new", help="checkpoint dir of a full-scale short-text pretraining to report too")
     p.add_argument("--deadline-s", type=float, default=float("inf"),
                    help="stop a run still going after this long; its CPU seconds become a lower bound")
@@ -162,8 +163,9 @@ def main() -> None:
                          "python": platform.python_version(), "torch": torch.__version__,
                          "note": "2-core machine shared with other jobs; both runs concurrent, same threads"}
     result["command"] = "FEDRNN_DATA_DIR=../shared/data python benchmarks/bench_pretrain.py " + " ".join(sys.argv[1:])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("previous", "short_text", "short_text_full_scale")},
                      indent=2))
     for name in ("previous", "short_text"):
