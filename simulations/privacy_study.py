@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,10 +117,13 @@ def summarize(level: str, setting: str, seed: int, eps: float, rows: list[dict],
 
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (0 with one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, sd / math.sqrt(n)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), sd / math.sqrt(len(values))
+
+
+def zero_shot(results: list[dict], setting: str) -> tuple[float, float]:
+    """The teacher's accuracy before round 1 in ``setting`` (mean, standard error over seeds)."""
+    return mean_se([r["zero_shot_accuracy"] for r in results if r["setting"] == setting and r["level"] == "none"])
 
 
 def cells(results: list[dict], setting: str, level: str) -> dict[float, tuple[float, float]]:
@@ -150,9 +154,8 @@ def plot(results: list[dict], path: Path) -> None:
                 eps, mean, se = zip(*pts, strict=True)
                 ax.errorbar(eps, mean, yerr=se, marker=marker, capsize=3, label=f"{level}-level DP")
         base = cells(results, setting, "none")[math.inf][0]
-        zero = mean_se([r["zero_shot_accuracy"] for r in results if r["setting"] == setting and r["level"] == "none"])
         ax.axhline(base, color="k", ls="--", label="no DP (epsilon = inf)")
-        ax.axhline(zero[0], color="grey", ls="-.", label="teacher zero-shot")
+        ax.axhline(zero_shot(results, setting)[0], color="grey", ls="-.", label="teacher zero-shot")
         ax.set_xscale("log", base=2)
         finite = sorted({r["target_epsilon"] for r in results if not math.isinf(r["target_epsilon"])})
         ax.set_xticks(finite, [f"{e:g}" for e in finite])
@@ -174,8 +177,7 @@ def table(results: list[dict]) -> str:
     for level in [x for x in LEVELS if any(r["level"] == x for r in results)]:
         for setting in dict.fromkeys(r["setting"] for r in results):
             acc = cells(results, setting, level)
-            zero = mean_se([r["zero_shot_accuracy"] for r in results if r["setting"] == setting
-                            and r["level"] == "none"])
+            zero = zero_shot(results, setting)
             lines.append(f"| {level} | {setting} | " + " | ".join(
                 f"{100 * acc[e][0]:.1f} ± {100 * acc[e][1]:.1f}" if e in acc else "–" for e in eps_cols)
                 + f" | {100 * zero[0]:.1f} ± {100 * zero[1]:.1f} |")
