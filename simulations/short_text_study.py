@@ -7,6 +7,7 @@ Targets (short texts, as devices hold them), read as user files through ``--targ
                  each source split over 10 of 30 clients
   rt_dirichlet   rt_polarity (10,662 snippets; the clients hold a seeded 30% of its pool), Dirichlet(0.5)
                  label skew over 30 clients
+  rt_full        the same with all of rt_polarity's pool (about 8,500 snippets)
 
 Arms, each on the same seed's partitions and each file's fixed per-group test split:
   zero-shot      the teacher as is
@@ -64,6 +65,9 @@ TARGETS = {
     "uci_natural": ("uci_sentences/sentences.jsonl.gz", {"partition": "natural", "partition_column": "group"}),
     # a seeded 30% of rt_polarity's pool (about 2,550 snippets, as many as uci_sentences) keeps the study short
     "rt_dirichlet": ("rt_polarity/sentences.jsonl.gz", {"partition": "dirichlet", "alpha": 0.5, "data_fraction": 0.3}),
+    # all of rt_polarity's pool (about 8,500 snippets, some 280 a client): the data size at which the
+    # teacher has something left to learn
+    "rt_full": ("rt_polarity/sentences.jsonl.gz", {"partition": "dirichlet", "alpha": 0.5}),
 }
 ARMS = ("zero-shot", "local-only", "federated", "federated+personalisation", "centralised")
 

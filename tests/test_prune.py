@@ -21,6 +21,7 @@ from fedrnn.edge.prune import (
     prune_hidden,
     prune_vocab,
     shrink_tokenizer,
+    text_token_counts,
     token_counts,
     unit_importance,
 )
@@ -117,6 +118,13 @@ def teacher_and_text(tiny_teacher: tuple[Path, dict], data_dir: Path) -> dict:
     test = load_imdb("test", data_dir)
     idx = np.random.default_rng(3).permutation(len(test))[:1200]
     return {"teacher": teacher, "tok": tok, "max_len": cfg["max_len"], "texts": [test.texts[i] for i in idx]}
+
+
+def test_text_token_counts_match_the_encoded_counts_without_a_dense_matrix(teacher_and_text: dict) -> None:
+    tok, texts = teacher_and_text["tok"], teacher_and_text["texts"][:300]
+    dense = token_counts([encode(tok, texts, np.zeros(len(texts)), 10_000)], tok.get_vocab_size())
+    assert dense.sum() > 0
+    np.testing.assert_array_equal(text_token_counts(tok, texts, chunk=7), dense)
 
 
 def test_shrunk_tokenizer_keeps_the_frequent_tokens_and_splits_the_rest(teacher_and_text: dict) -> None:

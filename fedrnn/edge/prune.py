@@ -147,6 +147,20 @@ def token_counts(data: Iterable[Encoded], vocab_size: int) -> np.ndarray:
     return counts
 
 
+def text_token_counts(tok: Tokenizer, texts: Sequence[str], chunk: int = 2000) -> np.ndarray:
+    """How often each of ``tok``'s token ids occurs in ``texts`` (every token, no length cap).
+
+    Counts chunk by chunk: an ``Encoded`` of whole reviews would need a dense matrix as wide as the
+    longest review (50,000 reviews x 100,000 columns is 20 GB).
+    """
+    counts = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for start in range(0, len(texts), chunk):
+        ids = [e.ids for e in tok.encode_batch(list(texts[start : start + chunk]), add_special_tokens=False)]
+        flat = np.fromiter((i for row in ids for i in row), dtype=np.int64)
+        counts += np.bincount(flat, minlength=len(counts))[: len(counts)]
+    return counts
+
+
 def shrink_tokenizer(tok: Tokenizer, counts: np.ndarray, size: int) -> tuple[Tokenizer, np.ndarray]:
     """The ``size`` most frequent tokens (closed under merge parents) as a new BPE tokenizer.
 

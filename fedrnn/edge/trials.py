@@ -20,7 +20,7 @@ from fedrnn.devices.memory import estimate_inference_memory
 from fedrnn.edge.distill import dataset_logits, distill, init_embedding_from
 from fedrnn.edge.export import export_student
 from fedrnn.edge.predict import EXPORT_CONFIG, FLOAT_MODEL, INT8_MODEL, TOKENIZER, Predictor
-from fedrnn.edge.prune import prune_hidden, shrink_tokenizer, token_counts
+from fedrnn.edge.prune import prune_hidden, shrink_tokenizer, text_token_counts
 from fedrnn.model.checkpoint import save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN
 
@@ -74,8 +74,7 @@ class SearchData:
             return self.tokenizer
         if vocab_size not in self._vocab:
             if self._counts is None:
-                enc = encode(self.tokenizer, self.count_texts, np.zeros(len(self.count_texts)), 100_000)
-                self._counts = token_counts([enc], full)
+                self._counts = text_token_counts(self.tokenizer, self.count_texts)
             self._vocab[vocab_size] = shrink_tokenizer(self.tokenizer, self._counts, vocab_size)
         return self._vocab[vocab_size][0]
 
