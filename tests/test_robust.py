@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -217,6 +219,26 @@ def test_deadline_mod_aborts_a_hung_job_and_disarms_after_a_quick_one() -> None:
     msg = _job(0.2)
     assert deadline_mod(msg, ctx, lambda m, c: m) is msg
     time.sleep(0.3)  # the alarm of the quick job was disarmed: nothing fires here
+
+
+def test_deadline_never_aborts_halfway_through_an_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import that outlasts the deadline completes (the module is whole in sys.modules), then the job aborts."""
+    (tmp_path / "slow_import_for_deadline.py").write_text("import time\ntime.sleep(0.6)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def job(m: Message, c: Context) -> Message:
+        import slow_import_for_deadline  # noqa: F401
+
+        time.sleep(5)
+        return m
+
+    try:
+        with pytest.raises(ClientDeadlineExceeded):
+            deadline_mod(_job(0.2), ctx, job)
+        assert sys.modules["slow_import_for_deadline"].DONE
+    finally:
+        sys.modules.pop("slow_import_for_deadline", None)
 
 
 def test_robustness_config_keys_are_checked() -> None:

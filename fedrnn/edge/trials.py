@@ -34,7 +34,7 @@ class Space:
     hidden_size: tuple[int, ...] = (32, 48, 64, 96, 128)
     num_layers: tuple[int, ...] = (1, 2)
     vocab_size: tuple[int, ...] = (1000, 2000, 4000, 5000, 8000, 16000)
-    max_len: tuple[int, ...] = (64, 128, 256)
+    max_len: tuple[int, ...] = (64, 128, 256, 400)  # 400: what the teacher reads
     prune_ratio: tuple[float, ...] = (0.0, 0.25, 0.5)
 
 

@@ -10,6 +10,12 @@ the run from ever shutting down. This Flower mod arms ``SIGALRM`` for the messag
 is free again. A deadline shorter than the server's timeout also ends the round early: the
 server gets the error reply instead of waiting for one that will never come.
 
+The alarm never lands inside an ``import``: an exception raised halfway through a module's
+code can leave it (or its package) half-initialised in ``sys.modules``, and every later job on
+that worker then fails on it (seen with a lazily imported ``torch._dynamo`` on a loaded machine).
+While the interrupted frame is in the import machinery, the abort waits (re-checked every
+``IMPORT_GRACE_S``) until the import is done.
+
 Signals only reach the main thread; where the ClientApp runs elsewhere, or on a platform
 without ``setitimer`` (Windows), the mod does nothing (Ray actors and Flower's ClientApp
 processes on Linux run jobs on their main thread).
@@ -26,9 +32,20 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedrnn.federation.messages import CONFIG, Task
 
+IMPORT_GRACE_S = 0.2
+
 
 class ClientDeadlineExceeded(TimeoutError):
     """The job ran past the server's round timeout."""
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` or a caller of it runs the import machinery (``importlib._bootstrap``)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def deadline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -39,6 +56,9 @@ def deadline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         return call_next(msg, context)
 
     def expire(signum: int, frame: FrameType | None) -> None:
+        if _importing(frame):  # abort once the module is whole, not halfway through it
+            signal.setitimer(signal.ITIMER_REAL, IMPORT_GRACE_S)
+            return
         raise ClientDeadlineExceeded(f"client job exceeded its deadline of {seconds:g} s; aborted")
 
     previous = signal.signal(signal.SIGALRM, expire)
