@@ -257,9 +257,9 @@ def _plot_growth(rows: dict[str, dict], path: Path) -> None:
     ks = [int(k) for k in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ks, [rows[str(k)]["seconds_per_round"] for k in ks], "o-")
-    a.set(xlabel="clients per round", ylabel="round-loop seconds per round", title="wall time")
+    a.set(xlabel="clients per round", ylabel="round-loop seconds per round", title="wall time", ylim=(0, None))
     b.plot(ks, [rows[str(k)]["peak_rss_mb"] for k in ks], "o-")
-    b.set(xlabel="clients per round", ylabel="peak RSS, MB (driver + Ray)", title="memory")
+    b.set(xlabel="clients per round", ylabel="peak RSS, MB (driver + Ray)", title="memory", ylim=(0, None))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from fedrnn.config import ConfigError, PersonalizeSection, load_config
-from fedrnn.data.partitions import save_partitions
+from fedrnn.data.partitions import save_partitions, split_holdout
 from fedrnn.data.tokenizer import Encoded
 from fedrnn.federation.plugin import RoundInfo, RunContext
 from fedrnn.federation.prepare import RunFiles
 from fedrnn.model.rnn import ModelConfig, SentimentRNN
-from fedrnn.plugins.personalize import Personalization, distribution, personalize_clients
+from fedrnn.plugins.personalize import Personalization, distribution, features, personalize_clients
 
 
 def test_distribution_keys_and_values() -> None:
@@ -42,6 +42,27 @@ def test_a_local_head_learns_each_clients_own_label_mix() -> None:
     assert out["client_accuracy_worst"] == 0.0  # one global model cannot fit both kinds of client
     assert out["personalized_accuracy_worst"] == 1.0
     assert out["personalized_gain_mean"] == pytest.approx(1.0 - out["client_accuracy_mean"])
+
+
+def test_one_pass_over_the_pool_equals_measuring_each_client_alone() -> None:
+    """Per-client accuracies from the shared feature pass equal each client's own pass (mixed review lengths)."""
+    torch.manual_seed(1)
+    model = SentimentRNN(ModelConfig(vocab_size=50, embed_dim=8, hidden_size=8, num_layers=2, dropout=0.0))
+    rng = np.random.default_rng(1)
+    n = 300
+    lengths = rng.integers(1, 12, size=n)
+    ids = np.where(np.arange(12)[None, :] < lengths[:, None], rng.integers(2, 50, size=(n, 12)), 0).astype(np.int32)
+    pool = Encoded(ids, lengths, rng.integers(0, 2, size=n))
+    shards = np.array_split(rng.permutation(n)[:290], 29)  # ten reviews not held by any client
+    cfg = PersonalizeSection(head_epochs=0)
+    alone = []
+    for k, shard in enumerate(shards):
+        _, hold = split_holdout(shard, 0.3, 5, k)
+        with torch.no_grad():
+            pred = model.head(features(model, pool.subset(hold))).argmax(1).numpy()
+        alone.append(float((pred == pool.labels[hold]).mean()))
+    assert personalize_clients(model, pool, shards, 0.3, 5, cfg) == pytest.approx(  # float32 means
+        {"clients_evaluated": 29, **distribution(alone, "client_accuracy")}, rel=1e-6)
 
 
 def test_personalize_config_is_checked() -> None:

@@ -72,17 +72,22 @@ def personalize_clients(model: SentimentRNN, pool: Encoded, shards: list[np.ndar
 
     Each client's train / held-out split is the one it used during the run (``split_holdout``).
     """
+    splits = [split_holdout(shard, holdout, seed, k) for k, shard in enumerate(shards)]
+    # one bucketed pass over every review any client needs, not one pass per client: with 10,000
+    # clients of a couple of reviews each, per-client passes cost 100 s of batch overhead
+    parts = [hold for _, hold in splits] + ([train for train, _ in splits] if cfg.head_epochs else [])
+    needed = np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts] or [np.empty(0, np.int64)]))
+    x_all = features(model, pool.subset(needed))
+    row = np.full(len(pool), -1, dtype=np.int64)
+    row[needed] = np.arange(len(needed))
+    labels = torch.from_numpy(pool.labels.astype(np.int64))
     before, after = [], []
-    for k, shard in enumerate(shards):
-        train_idx, hold_idx = split_holdout(shard, holdout, seed, k)
-        x_hold = features(model, pool.subset(hold_idx))
-        y_hold = torch.from_numpy(pool.labels[hold_idx].astype(np.int64))
+    for k, (train_idx, hold_idx) in enumerate(splits):
+        x_hold, y_hold = x_all[row[hold_idx]], labels[hold_idx]
         with torch.no_grad():
             before.append(float((model.head(x_hold).argmax(1) == y_hold).float().mean()))
         if cfg.head_epochs:
-            train = pool.subset(train_idx)
-            head = fine_tune_head(model.head, features(model, train), torch.from_numpy(train.labels.astype(np.int64)),
-                                  cfg, seed * 100_003 + k)
+            head = fine_tune_head(model.head, x_all[row[train_idx]], labels[train_idx], cfg, seed * 100_003 + k)
             with torch.no_grad():
                 after.append(float((head(x_hold).argmax(1) == y_hold).float().mean()))
     out: dict[str, Any] = {"clients_evaluated": len(before), **distribution(before, "client_accuracy")}
