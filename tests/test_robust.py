@@ -241,6 +241,29 @@ def test_deadline_never_aborts_halfway_through_an_import(tmp_path: Path, monkeyp
         sys.modules.pop("slow_import_for_deadline", None)
 
 
+def test_deadline_waits_for_an_import_only_so_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import hung past IMPORT_WAIT_MAX_S is aborted anyway: the worker must come free."""
+    import fedrnn.federation.deadline as deadline
+
+    (tmp_path / "hung_import_for_deadline.py").write_text("import time\ntime.sleep(5)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(deadline, "IMPORT_WAIT_MAX_S", 0.4)
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def job(m: Message, c: Context) -> Message:
+        import hung_import_for_deadline  # noqa: F401
+
+        return m
+
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ClientDeadlineExceeded):
+            deadline_mod(_job(0.2), ctx, job)
+        assert time.perf_counter() - t0 < 2
+    finally:
+        sys.modules.pop("hung_import_for_deadline", None)
+
+
 def test_robustness_config_keys_are_checked() -> None:
     cfg = config_from_dict({"faults": {"raise_clients": [1, 2], "rounds": [1]}, "attack": {"clients": 3}})
     assert cfg.faults.enabled and cfg.faults.raise_clients == [1, 2] and cfg.attack.kind == "sign-flip"

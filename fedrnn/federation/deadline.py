@@ -14,7 +14,8 @@ The alarm never lands inside an ``import``: an exception raised halfway through 
 code can leave it (or its package) half-initialised in ``sys.modules``, and every later job on
 that worker then fails on it (seen with a lazily imported ``torch._dynamo`` on a loaded machine).
 While the interrupted frame is in the import machinery, the abort waits (re-checked every
-``IMPORT_GRACE_S``) until the import is done.
+``IMPORT_RECHECK_S``) until the import is done, for at most ``IMPORT_WAIT_MAX_S``: an import
+hung that long is aborted anyway, since a worker that never frees itself is worse.
 
 Signals only reach the main thread; where the ClientApp runs elsewhere, or on a platform
 without ``setitimer`` (Windows), the mod does nothing (Ray actors and Flower's ClientApp
@@ -32,7 +33,8 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedrnn.federation.messages import CONFIG, Task
 
-IMPORT_GRACE_S = 0.2
+IMPORT_RECHECK_S = 0.2
+IMPORT_WAIT_MAX_S = 120.0
 
 
 class ClientDeadlineExceeded(TimeoutError):
@@ -55,9 +57,13 @@ def deadline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     if seconds <= 0 or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         return call_next(msg, context)
 
+    waited = 0.0
+
     def expire(signum: int, frame: FrameType | None) -> None:
-        if _importing(frame):  # abort once the module is whole, not halfway through it
-            signal.setitimer(signal.ITIMER_REAL, IMPORT_GRACE_S)
+        nonlocal waited
+        if waited < IMPORT_WAIT_MAX_S and _importing(frame):  # abort once the module is whole
+            waited += IMPORT_RECHECK_S
+            signal.setitimer(signal.ITIMER_REAL, IMPORT_RECHECK_S)
             return
         raise ClientDeadlineExceeded(f"client job exceeded its deadline of {seconds:g} s; aborted")
 
