@@ -212,6 +212,7 @@ def test_offline_pis_are_never_selected(pi_run: Path) -> None:
     assert offline_seen > 0  # churn really took devices offline, so the check above had teeth
 
 
+@pytest.mark.slow  # 70 s; fleets and resume each have a default test (test_pi_fleet_rows..., test_simulation)
 def test_trace_fleet_runs_and_resume_continues_the_clock(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
     run = _run(tmp_path, "trace", TRACE_FLEET, tiny_teacher[0])
     r = _simulate(["--resume", str(run), "--rounds", "3"], tmp_path / "cache")

@@ -75,6 +75,7 @@ def test_server_stops_waiting_for_a_client_that_never_answers(tmp_path: Path,
     assert r3["failures"] == 0 and r3["trained"] == 4
 
 
+@pytest.mark.slow  # 35 s; the norm check itself is unit-tested in test_robust.py
 def test_scaled_updates_are_rejected_and_counted(tmp_path: Path, tiny_teacher: tuple[Path, dict]) -> None:
     """Two of eight clients boost their update 1000x; the norm check keeps them out of FedAvg."""
     rows, _, log = _simulate(tmp_path, tiny_teacher[0], {

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+import pytest
 from processes import free_port
 
 from fedrnn.federation.rundir import RunDir
@@ -93,6 +94,7 @@ def simulate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
                           text=True, timeout=RUN_S)
 
 
+@pytest.mark.slow  # 88 s; the same ServerApp/ClientApp run in the default suite through the CLI's Ray engine
 def test_flwr_run_on_the_default_local_superlink_matches_the_cli(tmp_path: Path,
                                                                   tiny_teacher: tuple[Path, dict]) -> None:
     config, env = tiny_config(tmp_path, tiny_teacher[0]), run_env(tmp_path)
