@@ -40,7 +40,7 @@ from fedrnn.data.tokenizer import encode
 from fedrnn.edge.distill import distill
 from fedrnn.edge.export import export_student
 from fedrnn.edge.predict import FLOAT_MODEL, INT8_MODEL, TOKENIZER, Predictor
-from fedrnn.edge.prune import prune_hidden, prune_vocab, shrink_tokenizer, text_token_counts
+from fedrnn.edge.prune import prune_hidden, prune_vocab
 from fedrnn.edge.trials import latency_p95_ms, load_search_data, teacher_accuracy
 from fedrnn.model.checkpoint import save_checkpoint
 from fedrnn.model.rnn import ModelConfig, SentimentRNN, num_parameters
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student = SentimentRNN(ModelConfig(vocab_size=tok.get_vocab_size(), embed_dim=32, hidden_size=64, num_layers=1,
                                        dropout=0.1))
     stats = distill(data.teacher, student, transfer, a.steps, rng=np.random.default_rng(a.seed), **kw)
-    small_tok, old_ids = shrink_tokenizer(tok, text_token_counts(tok, data.count_texts), a.vocab)
+    small_tok, old_ids = data.shrunk(a.vocab), data.kept_ids(a.vocab)  # the search's own vocabulary cut
     hidden = max(1, round(64 * (1 - a.prune_ratio)))
     cut = prune_vocab(prune_hidden(student, hidden), old_ids)
     tuned = copy.deepcopy(cut)

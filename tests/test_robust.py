@@ -221,47 +221,49 @@ def test_deadline_mod_aborts_a_hung_job_and_disarms_after_a_quick_one() -> None:
     time.sleep(0.3)  # the alarm of the quick job was disarmed: nothing fires here
 
 
-def test_deadline_never_aborts_halfway_through_an_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An import that outlasts the deadline completes (the module is whole in sys.modules), then the job aborts."""
-    (tmp_path / "slow_import_for_deadline.py").write_text("import time\ntime.sleep(0.6)\nDONE = True\n")
+@pytest.fixture
+def importing_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A job that imports a fresh module whose body is ``source``, then sleeps ``after_s``; the module is
+    forgotten afterwards."""
+    names: list[str] = []
     monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(name: str, source: str, after_s: float = 0.0):
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+
+        def job(m: Message, c: Context) -> Message:
+            __import__(name)
+            time.sleep(after_s)
+            return m
+
+        return job
+
+    yield make
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_deadline_never_aborts_halfway_through_an_import(importing_job) -> None:
+    """An import that outlasts the deadline completes (the module is whole in sys.modules), then the job aborts."""
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-
-    def job(m: Message, c: Context) -> Message:
-        import slow_import_for_deadline  # noqa: F401
-
-        time.sleep(5)
-        return m
-
-    try:
-        with pytest.raises(ClientDeadlineExceeded):
-            deadline_mod(_job(0.2), ctx, job)
-        assert sys.modules["slow_import_for_deadline"].DONE
-    finally:
-        sys.modules.pop("slow_import_for_deadline", None)
+    job = importing_job("slow_import_for_deadline", "import time\ntime.sleep(0.6)\nDONE = True\n", after_s=5)
+    with pytest.raises(ClientDeadlineExceeded):
+        deadline_mod(_job(0.2), ctx, job)
+    assert sys.modules["slow_import_for_deadline"].DONE
 
 
-def test_deadline_waits_for_an_import_only_so_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deadline_waits_for_an_import_only_so_long(importing_job, monkeypatch: pytest.MonkeyPatch) -> None:
     """An import hung past IMPORT_WAIT_MAX_S is aborted anyway: the worker must come free."""
     import fedrnn.federation.deadline as deadline
 
-    (tmp_path / "hung_import_for_deadline.py").write_text("import time\ntime.sleep(5)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(deadline, "IMPORT_WAIT_MAX_S", 0.4)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-
-    def job(m: Message, c: Context) -> Message:
-        import hung_import_for_deadline  # noqa: F401
-
-        return m
-
+    job = importing_job("hung_import_for_deadline", "import time\ntime.sleep(5)\n")
     t0 = time.perf_counter()
-    try:
-        with pytest.raises(ClientDeadlineExceeded):
-            deadline_mod(_job(0.2), ctx, job)
-        assert time.perf_counter() - t0 < 2
-    finally:
-        sys.modules.pop("hung_import_for_deadline", None)
+    with pytest.raises(ClientDeadlineExceeded):
+        deadline_mod(_job(0.2), ctx, job)
+    assert time.perf_counter() - t0 < 2
 
 
 def test_robustness_config_keys_are_checked() -> None:
